@@ -1,0 +1,3 @@
+from fastnefes.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""Pose files: one line per image, `NAME qw qx qy qz tx ty tz` (world-to-camera).
+
+Lines starting with `#` and blank lines are ignored. Poses are returned and accepted as
+camera-to-world 4x4 matrices in OpenCV axes, the internal convention.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastnefes.errors import FastnefesError
+from fastnefes.geometry.cameras import invert_pose
+from fastnefes.geometry.lie import quat_to_rotmat, rotmat_to_quat
+
+QUAT_NORM_TOL = 1e-3
+
+
+def parse_pose_line(fields: list[str], where: str, extra_fields: int = 0) -> tuple[str, np.ndarray]:
+    """Parse `NAME qw qx qy qz tx ty tz [extra...]` into (name, c2w [4, 4])."""
+    expected = 8 + extra_fields
+    if len(fields) != expected:
+        raise FastnefesError(f"{where}: expected {expected} fields (NAME qw qx qy qz tx ty tz), found {len(fields)}")
+    try:
+        values = [float(v) for v in fields[1:8]]
+    except ValueError:
+        raise FastnefesError(f"{where}: expected numbers after the image name, found {' '.join(fields[1:8])!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise FastnefesError(f"{where}: non-finite number in pose {' '.join(fields[1:8])!r}")
+    q = np.array(values[:4])
+    norm = float(np.linalg.norm(q))
+    if abs(norm - 1.0) > QUAT_NORM_TOL:
+        raise FastnefesError(f"{where}: quaternion norm {norm:.6f} is not 1 (tolerance {QUAT_NORM_TOL})")
+    w2c = np.eye(4)
+    w2c[:3, :3] = quat_to_rotmat(q)
+    w2c[:3, 3] = values[4:7]
+    return fields[0], invert_pose(w2c)
+
+
+def read_poses(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a pose file -> {name: camera-to-world [4, 4]} in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastnefesError(f"{path}: pose file not found")
+    poses: dict[str, np.ndarray] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, c2w = parse_pose_line(stripped.split(), f"{path}:{lineno}")
+        if name in poses:
+            raise FastnefesError(f"{path}:{lineno}: duplicate image name {name!r}")
+        poses[name] = c2w
+    return poses
+
+
+def format_poses(poses: dict[str, np.ndarray]) -> str:
+    """Pose-file text for {name: camera-to-world [4, 4]}."""
+    lines = ["# NAME qw qx qy qz tx ty tz (world-to-camera, OpenCV camera axes)"]
+    for name, c2w in poses.items():
+        c2w = np.asarray(c2w, dtype=np.float64)
+        if not np.all(np.isfinite(c2w)):
+            raise ValueError(f"pose for {name!r} is not finite")
+        w2c = invert_pose(c2w)
+        q = rotmat_to_quat(w2c[:3, :3])
+        t = w2c[:3, 3]
+        lines.append(f"{name} " + " ".join(f"{v:.10f}" for v in (*q, *t)))
+    return "\n".join(lines) + "\n"
+
+
+def write_poses(path: str | os.PathLike, poses: dict[str, np.ndarray]) -> None:
+    """Write {name: camera-to-world [4, 4]} atomically."""
+    from fastnefes.io import write_text
+
+    write_text(path, format_poses(poses))
