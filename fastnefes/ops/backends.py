@@ -26,6 +26,23 @@ OPS = {
 # (op, backend) -> probe(device_type) -> None if usable, else the reason it is not.
 _PROBES: dict[tuple[str, str], Callable[[str], str | None]] = {}
 _warned: set[str] = set()
+# Modules that register probes when imported; missing ones simply leave their backend out.
+_PROBE_MODULES = ("fastnefes.ops._backend", "fastnefes.ops.hashgrid._tcnn", "fastnefes.ops.occgrid._nerfacc")
+_probes_loaded = False
+
+
+def _load_probe_modules() -> None:
+    global _probes_loaded
+    if _probes_loaded:
+        return
+    _probes_loaded = True
+    import importlib
+
+    for name in _PROBE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def register_probe(op: str, backend: str, probe: Callable[[str], str | None]) -> None:
@@ -36,6 +53,7 @@ def register_probe(op: str, backend: str, probe: Callable[[str], str | None]) ->
 def _probe(op: str, backend: str, device_type: str) -> str | None:
     if backend == "torch":
         return None
+    _load_probe_modules()
     fn = _PROBES.get((op, backend))
     if fn is None:
         return f"{backend} backend for {op} is not built into this version"
