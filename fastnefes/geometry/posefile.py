@@ -64,9 +64,10 @@ def format_poses(poses: dict[str, np.ndarray]) -> str:
         c2w = np.asarray(c2w, dtype=np.float64)
         if not np.all(np.isfinite(c2w)):
             raise ValueError(f"pose for {name!r} is not finite")
-        w2c = invert_pose(c2w)
-        q = rotmat_to_quat(w2c[:3, :3])
-        t = w2c[:3, 3]
+        q = rotmat_to_quat(invert_pose(c2w)[:3, :3])
+        # t from the quaternion actually written, so the camera centre -R^T t survives exactly
+        # even when the input rotation is orthonormal only to float32 precision.
+        t = -quat_to_rotmat(q) @ c2w[:3, 3]
         lines.append(f"{name} " + " ".join(f"{v:.10f}" for v in (*q, *t)))
     return "\n".join(lines) + "\n"
 
