@@ -15,7 +15,6 @@ from typing import Union
 import numpy as np
 
 ROOM_SIZE = (5.0, 4.0, 2.6)
-PATTERNS = ("tiles", "planks", "checker", "stripes", "blobs")
 # Low objects stay below this height, so cameras at >= LOW_OBJECT_TOP + 0.5 m clear them.
 LOW_OBJECT_TOP = 0.7
 
@@ -90,10 +89,6 @@ class Room:
     light_pos: np.ndarray = field(default_factory=lambda: np.zeros(3))
     sun_dir: np.ndarray = field(default_factory=lambda: np.array([0.0, 0.0, 1.0]))
 
-    @property
-    def objects(self) -> list:
-        return [p for p in self.primitives if not isinstance(p, Plane)]
-
 
 def clearance(room: Room, points: np.ndarray) -> np.ndarray:
     """Distance [N] from points [N, 3] inside the room to the nearest surface (negative inside a solid)."""
@@ -116,46 +111,67 @@ def clearance(room: Room, points: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- textures
+# Texture maths runs in float32 on separate coordinate arrays (u [N], v [N]): geometry stays
+# float64, but colours need no more precision and this halves the memory traffic.
+
+
+_HASH_X, _HASH_Y, _HASH_MIX = np.uint32(374761393), np.uint32(668265263), np.uint32(1274126177)
+
+
+def _finish_hash(h: np.ndarray) -> np.ndarray:
+    """Mixed uint32 lattice keys -> float32 in [0, 1)."""
+    h = h * _HASH_MIX
+    h ^= h >> np.uint32(15)
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
 
 
 def _hash01(ix: np.ndarray, iy: np.ndarray, salt: int) -> np.ndarray:
-    """Integer lattice coordinates -> pseudo-random floats in [0, 1) (stateless, deterministic)."""
-    h = (ix * 374761393 + iy * 668265263 + salt * 2246822519) & 0xFFFFFFFF
-    h = ((h ^ (h >> 13)) * 1274126177) & 0xFFFFFFFF
-    h = h ^ (h >> 16)
-    return h.astype(np.float64) * (1.0 / 4294967296.0)
+    """int32 lattice coordinates [N] -> pseudo-random float32 in [0, 1) (stateless; uint32 wraps)."""
+    return _finish_hash((ix.view(np.uint32) * _HASH_X) ^ (iy.view(np.uint32) * _HASH_Y + np.uint32(salt)))
 
 
-def value_noise(uv: np.ndarray, salt: int) -> np.ndarray:
-    """Smooth value noise in [0, 1]; uv [N, 2] in lattice units -> [N]."""
-    base = np.floor(uv)
-    f = uv - base
-    w = f * f * (3.0 - 2.0 * f)
-    ix, iy = base[:, 0].astype(np.int64), base[:, 1].astype(np.int64)
-    v00, v10 = _hash01(ix, iy, salt), _hash01(ix + 1, iy, salt)
-    v01, v11 = _hash01(ix, iy + 1, salt), _hash01(ix + 1, iy + 1, salt)
-    top = v00 + (v10 - v00) * w[:, 0]
-    bottom = v01 + (v11 - v01) * w[:, 0]
-    return top + (bottom - top) * w[:, 1]
+def _lattice(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer cell (int32) and fractional position of float coordinates."""
+    base = np.floor(x)
+    return base.astype(np.int32), x - base
 
 
-def fbm(uv: np.ndarray, scale: float, octaves: int, salt: int, footprint: np.ndarray) -> np.ndarray:
-    """Fractal value noise in [0, 1]: octave k has cells of scale / 2^k metres.
+def value_noise(u: np.ndarray, v: np.ndarray, salt: int) -> np.ndarray:
+    """Smooth value noise in [0, 1]: coordinates u, v [N] in lattice units -> [N]."""
+    iu, fu = _lattice(u)
+    iv, fv = _lattice(v)
+    wu = fu * fu * (3 - 2 * fu)
+    wv = fv * fv * (3 - 2 * fv)
+    hu = iu.view(np.uint32) * _HASH_X  # the same keys as _hash01, sharing the products
+    hv = iv.view(np.uint32) * _HASH_Y + np.uint32(salt)
+    hu1, hv1 = hu + _HASH_X, hv + _HASH_Y
+    v00, v10 = _finish_hash(hu ^ hv), _finish_hash(hu1 ^ hv)
+    v01, v11 = _finish_hash(hu ^ hv1), _finish_hash(hu1 ^ hv1)
+    top = v00 + (v10 - v00) * wu
+    bottom = v01 + (v11 - v01) * wu
+    return top + (bottom - top) * wv
 
-    An octave fades out once its cells approach the pixel footprint [N] (metres), replacing it
-    by its mean, so the sum is band-limited for the image resolution.
+
+def fbm(u: np.ndarray, v: np.ndarray, scale: float, octaves: int, salt: int, footprint: np.ndarray) -> np.ndarray:
+    """Fractal value noise in [0, 1] at u, v [N] (metres): octave k has cells of scale / 2^k.
+
+    An octave fades out (towards its mean) as its cells shrink from two pixel footprints [N]
+    (metres) to one, so the sum is band-limited for the image resolution.
     """
-    total, norm, amp = np.zeros(len(uv)), 0.0, 1.0
+    total, norm, amp = np.zeros_like(u), 0.0, 1.0
+    inv_footprint = 1.0 / footprint
     for k in range(octaves):
         cell = scale / 2**k
         angle = 0.9 * k + 0.3  # rotate each octave so lattice axes never line up
-        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        keep = np.clip(cell / (2.0 * footprint) - 1.0, 0.0, 1.0)
-        n = value_noise(uv @ rot / cell + 17.3 * k, salt + 7919 * k)
-        total += amp * (0.5 + keep * (n - 0.5))
+        c, s = np.float32(np.cos(angle) / cell), np.float32(np.sin(angle) / cell)
+        keep = np.clip(inv_footprint * np.float32(cell) - 1.0, 0.0, 1.0)  # 1 for cell >= 2 fp, 0 for <= fp
+        total += amp * 0.5
+        if keep.any():  # an octave finer than every pixel is just its mean
+            n = value_noise(c * u - s * v + 17.3 * k, s * u + c * v, salt + 7919 * k)
+            total += amp * keep * (n - 0.5)
         norm += amp
         amp *= 0.55
-    return total / norm
+    return total / np.float32(norm)
 
 
 def filtered_pulse(x: np.ndarray, duty: float, width: np.ndarray) -> np.ndarray:
@@ -165,63 +181,67 @@ def filtered_pulse(x: np.ndarray, duty: float, width: np.ndarray) -> np.ndarray:
     """
 
     def integral(t):
-        return np.floor(t) * duty + np.minimum(t - np.floor(t), duty)
+        whole = np.floor(t)
+        return whole * duty + np.minimum(t - whole, duty)
 
-    w = np.maximum(width, 1e-6)
+    w = np.maximum(width, 1e-4)
     return (integral(x + w / 2) - integral(x - w / 2)) / w
 
 
-def _pattern(material: Material, uv: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """Accent-colour mask [N] in [0, 1] of the material's pattern at uv [N, 2] (metres)."""
-    s = material.pattern_scale
-    u, v, fw = uv[:, 0] / s, uv[:, 1] / s, footprint / s
+def _pattern(material: Material, u: np.ndarray, v: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Accent-colour mask [N] in [0, 1] of the material's pattern at u, v [N] (metres)."""
+    scale = np.float32(1.0 / material.pattern_scale)
+    u, v, fw = u * scale, v * scale, footprint * scale
     if material.pattern == "checker":
         a, b = filtered_pulse(u, 0.5, fw), filtered_pulse(v, 0.5, fw)
         return a + b - 2 * a * b
     if material.pattern == "stripes":
         return filtered_pulse(u + 0.35 * np.sin(2.1 * v), 0.3, fw)
     if material.pattern == "tiles":
-        grout_u, grout_v = filtered_pulse(u, 0.06, fw), filtered_pulse(v, 0.06, fw)
-        tile = value_noise(np.stack([np.floor(u), np.floor(v)], 1) * 0.5 + 0.25, material.salt + 11)
-        return np.maximum(grout_u, grout_v) + 0.45 * tile * (1 - np.maximum(grout_u, grout_v))
+        grout = np.maximum(filtered_pulse(u, 0.06, fw), filtered_pulse(v, 0.06, fw))
+        tone = _hash01(_lattice(u)[0], _lattice(v)[0], material.salt + 11)
+        return grout + 0.45 * tone * (1 - grout)
     if material.pattern == "planks":  # rows of width s, plank ends staggered per row
-        row = np.floor(v)
-        shift = _hash01(row.astype(np.int64), np.zeros_like(row, dtype=np.int64), material.salt)
-        length = u / 4.0 + shift
-        seam = np.maximum(filtered_pulse(v, 0.05, fw), filtered_pulse(length, 0.0125, fw / 4.0))
-        tone = _hash01(row.astype(np.int64), np.floor(length).astype(np.int64), material.salt + 3)
+        row = _lattice(v)[0]
+        along = u / 4.0 + _hash01(row, np.zeros_like(row), material.salt)
+        seam = np.maximum(filtered_pulse(v, 0.05, fw), filtered_pulse(along, 0.0125, fw / 4.0))
+        tone = _hash01(row, _lattice(along)[0], material.salt + 3)
         return np.maximum(seam, 0.5 * tone)
     if material.pattern == "blobs":
-        n = value_noise(uv / s, material.salt + 5)
-        soft = 0.03 + fw
-        return np.clip((n - 0.62) / soft + 0.5, 0.0, 1.0)
+        n = value_noise(u, v, material.salt + 5)
+        return np.clip((n - 0.62) / (0.03 + fw) + 0.5, 0.0, 1.0)
     raise ValueError(f"unknown texture pattern {material.pattern!r}")
 
 
-def planar_texture(material: Material, uv: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """Display-space albedo [N, 3] of `material` at surface coordinates uv [N, 2] (metres)."""
-    c = material.colors
-    mix = fbm(uv, material.noise_scale, 5, material.salt, footprint)[:, None]
-    rgb = c[0] + (c[1] - c[0]) * np.clip((mix - 0.3) / 0.4, 0.0, 1.0)
-    rgb = rgb + (c[2] - rgb) * (0.8 * _pattern(material, uv, footprint)[:, None])
-    detail = fbm(uv + 3.7, material.noise_scale / 16, 3, material.salt + 1, footprint)[:, None]
+def planar_texture(material: Material, u: np.ndarray, v: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Display-space albedo [3, N] of `material` at surface coordinates u, v [N] (metres)."""
+    colors = material.colors.astype(np.float32)[:, :, None]
+    mix = np.clip((fbm(u, v, material.noise_scale, 5, material.salt, footprint) - 0.3) / 0.4, 0.0, 1.0)
+    rgb = colors[0] + (colors[1] - colors[0]) * mix
+    rgb += (colors[2] - rgb) * (0.8 * _pattern(material, u, v, footprint))
+    detail = fbm(u + 3.7, v, material.noise_scale / 16, 3, material.salt + 1, footprint)
     return np.clip(rgb * (0.7 + 0.6 * detail), 0.0, 1.0)
 
 
 def surface_texture(material: Material, p_local: np.ndarray, n_local: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """Albedo [N, 3] at local points [N, 3] with local unit normals [N, 3] (triplanar mapping).
+    """Albedo [3, N] at local points [3, N] with local unit normals [3, N] (triplanar mapping).
 
     Each projection's weight is |n_axis|^4 (normalised); a flat face aligned with the local axes
     gets exactly one projection, curved surfaces blend seamlessly (no uv seams on spheres).
     """
-    weights = np.abs(n_local) ** 4
-    weights /= weights.sum(axis=1, keepdims=True)
-    out = np.zeros((len(p_local), 3))
+    p_local = p_local.astype(np.float32)
+    footprint = footprint.astype(np.float32)
+    weights = np.abs(n_local.astype(np.float32)) ** 4
+    weights /= weights.sum(axis=0, keepdims=True)
+    out = np.zeros((3, p_local.shape[1]), dtype=np.float32)
     for axis in range(3):
-        used = weights[:, axis] > 1e-4
-        if used.any():
-            uv = p_local[used][:, [a for a in range(3) if a != axis]]
-            out[used] += weights[used, axis, None] * planar_texture(material, uv, footprint[used])
+        used = np.nonzero(weights[axis] > 1e-4)[0]
+        if len(used) == p_local.shape[1]:
+            used = slice(None)
+        elif len(used) == 0:
+            continue
+        a, b = [p_local[k, used] for k in range(3) if k != axis]
+        out[:, used] += weights[axis, used] * planar_texture(material, a, b, footprint[used])
     return out
 
 
@@ -231,7 +251,7 @@ def surface_texture(material: Material, p_local: np.ndarray, n_local: np.ndarray
 def _material(rng: np.random.Generator, hue: float, pattern: str, saturation: float, value: float, salt: int) -> Material:
     base = colorsys.hsv_to_rgb(hue % 1.0, saturation, value)
     second = colorsys.hsv_to_rgb((hue + 0.07) % 1.0, saturation * 0.8, value * 0.62)
-    accent = colorsys.hsv_to_rgb((hue + 0.45 + rng.uniform(-0.1, 0.1)) % 1.0, min(1.0, saturation + 0.25), value * 0.85)
+    accent = colorsys.hsv_to_rgb((hue + rng.uniform(0.12, 0.2)) % 1.0, min(1.0, saturation + 0.3), value * 0.5)
     return Material(
         colors=np.array([base, second, accent]),
         pattern=pattern,
@@ -248,7 +268,7 @@ def _place_low_objects(rng: np.random.Generator, size: np.ndarray, taken: list, 
     for kind in specs:
         for _ in range(200):
             if kind == "table":
-                half = np.array([rng.uniform(0.35, 0.5), rng.uniform(0.25, 0.35), rng.uniform(0.22, 0.26)])
+                half = np.array([rng.uniform(0.35, 0.5), rng.uniform(0.25, 0.35), rng.uniform(0.18, 0.22)])
             elif kind == "cube":
                 half = np.full(3, rng.uniform(0.12, 0.22))
             else:
@@ -264,7 +284,7 @@ def _place_low_objects(rng: np.random.Generator, size: np.ndarray, taken: list, 
         if kind in ("table", "cube"):
             out.append(Box(np.array([xy[0], xy[1], half[2]]), half, float(rng.uniform(0, np.pi)), mat))
             if kind == "table":  # a ball resting on the table top
-                r = float(rng.uniform(0.08, LOW_OBJECT_TOP - 2 * half[2]) / 2)
+                r = float(rng.uniform(0.08, (LOW_OBJECT_TOP - 2 * half[2]) / 2))
                 out.append(Sphere(np.array([xy[0], xy[1], 2 * half[2] + r]), r, next(materials)))
         elif kind == "ball":
             out.append(Sphere(np.array([xy[0], xy[1], half[0]]), float(half[0]), mat))
@@ -276,14 +296,16 @@ def _place_low_objects(rng: np.random.Generator, size: np.ndarray, taken: list, 
 def make_room(seed: int = 0) -> Room:
     """The seeded room: fixed 5 x 4 x 2.6 m box, seeded textures, furniture and lighting.
 
-    Tall objects stand within 0.45 m of the walls, low ones (top <= LOW_OBJECT_TOP) anywhere,
-    so cameras >= 0.95 m from the walls at heights >= 1.2 m keep >= 0.5 m clearance.
+    Tall objects stand within 0.43 m of the walls (the pillar within 0.48 m of a corner), low
+    ones (top <= LOW_OBJECT_TOP) anywhere, so cameras >= 0.95 m from the walls at heights
+    >= LOW_OBJECT_TOP + 0.5 m keep >= 0.5 m clearance.
     """
     rng = np.random.default_rng([seed, 1])
     size = np.array(ROOM_SIZE)
     hue0 = rng.uniform()
     salts = iter(range(101, 100000, 97))
-    hues = iter(hue0 + 0.618034 * k for k in range(1, 100))
+    # floor, ceiling and the four walls get evenly spread hues, the objects golden-ratio steps
+    hues = iter([hue0 + 0.1, hue0 + 0.6] + [hue0 + 0.25 * k for k in range(4)] + [hue0 + 0.618034 * k for k in range(1, 100)])
     wall_patterns = list(rng.permutation(["stripes", "blobs", "checker", "tiles"]))
 
     def surface(pattern, sat, val):
@@ -306,7 +328,7 @@ def make_room(seed: int = 0) -> Room:
     for k, wall in enumerate(walls[:2]):
         axis, at_max = (0, 1)[wall // 2], wall % 2
         along = 1 - axis
-        depth, width = rng.uniform(0.18, 0.22), rng.uniform(0.4, 0.6)
+        depth, width = rng.uniform(0.15, 0.2), rng.uniform(0.4, 0.6)
         height = rng.uniform(0.7, 1.0) if k == 0 else rng.uniform(0.45, 0.6)
         centre = np.zeros(3)
         centre[axis] = size[axis] - 0.03 - depth if at_max else 0.03 + depth
