@@ -48,6 +48,7 @@ def _encoding_for(cfg: HashGridConfig, device: torch.device):
         if enc.native_tcnn_module.n_params() != cfg.n_params:
             raise RuntimeError(f"tinycudann grid has {enc.native_tcnn_module.n_params()} params, "
                                f"fastnefes layout expects {cfg.n_params}")
+        enc.params = None  # tcnn's own initial table is never used: free its GPU memory
         _ENCODINGS[key] = enc
     return enc
 
