@@ -50,7 +50,18 @@ def register_probe(op: str, backend: str, probe: Callable[[str], str | None]) ->
     _PROBES[(op, backend)] = probe
 
 
+_probe_cache: dict[tuple[str, str, str], str | None] = {}
+
+
 def _probe(op: str, backend: str, device_type: str) -> str | None:
+    """Cached: a backend's availability does not change within a process (resolve runs per op call)."""
+    key = (op, backend, device_type)
+    if key not in _probe_cache:
+        _probe_cache[key] = _probe_uncached(op, backend, device_type)
+    return _probe_cache[key]
+
+
+def _probe_uncached(op: str, backend: str, device_type: str) -> str | None:
     if backend == "torch":
         return None
     _load_probe_modules()
