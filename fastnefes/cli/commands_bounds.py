@@ -1,0 +1,67 @@
+"""`fastnefes bounds`: NeFeS's refinement-bounds experiment (error after vs error before)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fastnefes.cli.app import app, console
+from fastnefes.cli.commands_refine import load_refinement_inputs, progress_bar
+from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt
+
+
+@app.command("bounds")
+def bounds_command(
+    run: Annotated[Path, typer.Argument(help="Trained run directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder with ground-truth poses.")],
+    out: Annotated[Path, typer.Option("--out", help="Plot to write (PNG); the JSON behind it goes beside it.")],
+    split: SplitOpt = "test",
+    queries: Annotated[int, typer.Option("--queries", min=1, help="Test images used per perturbation magnitude.")] = 8,
+    signals: Annotated[str, typer.Option("--signals", help="Comma-separated: features, rgb.")] = "features,rgb",
+    iters: Annotated[int, typer.Option("--iters", min=1)] = 50,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "auto",
+    format: FormatOpt = "auto",
+    downscale: DownscaleOpt = 1,
+    max_side: MaxSideOpt = None,
+    focal: FocalOpt = None,
+) -> None:
+    """Perturb ground-truth poses by a sweep of magnitudes, refine, plot error after vs before."""
+    from fastnefes.errors import FastnefesError
+    from fastnefes.io import write_image, write_json
+    from fastnefes.refine import RefineConfig
+    from fastnefes.refine.bounds import bounds_plot, default_sweeps, refinement_bounds, success_rate
+
+    sigs = tuple(s.strip() for s in signals.split(",") if s.strip())
+    bad = [s for s in sigs if s not in ("features", "rgb")]
+    if bad or not sigs:
+        raise FastnefesError(f"--signals {signals!r}: expected a comma-separated list of features, rgb")
+    if out.suffix.lower() != ".png":
+        raise FastnefesError(f"--out {out}: expected a .png path")
+    model, scene = load_refinement_inputs(run, data, format, downscale, max_side, focal, device)
+    scale = 1.0 / float(model.normalization.scale)
+    sweeps = default_sweeps(scale)
+    total = len(sigs) * sum(len(v) for v in sweeps.values())
+    with progress_bar() as bar:
+        task = bar.add_task("bounds", total=total, info=f"{min(queries, len(scene.split(split)))} queries per magnitude")
+        result = refinement_bounds(model, scene, split, RefineConfig(iters=iters), signals=sigs, sweeps=sweeps,
+                                   max_queries=queries, seed=seed, on_progress=lambda k: bar.update(task, completed=k))
+    thr_t, thr_r = 0.05 * scale, 5.0  # success: within 5% of the scene size and 5 degrees
+    result["success_threshold"] = {"trans": thr_t, "rot_deg": thr_r}
+    result["success_rate"] = {s: success_rate(r, thr_t, thr_r) for s, r in result["records"].items()}
+    write_image(out, bounds_plot(result))
+    write_json(out.with_suffix(".json"), result)
+    for sweep, pairs in sweeps.items():
+        table = Table(title=f"{sweep} sweep: share refined to within {thr_t:.3g} / {thr_r:g} deg")
+        table.add_column("perturbation")
+        for s in sigs:
+            table.add_column(s, justify="right")
+        for rot, trans in pairs:
+            key = rot if sweep == "rotation" else trans
+            label = f"{rot:g} deg, {trans:.3g}"
+            table.add_row(label, *[f"{100 * result['success_rate'][s][sweep][key]:.0f}%" for s in sigs])
+        console.print(table)
+    console.print(f"wrote {out} and {out.with_suffix('.json')}")

@@ -1,0 +1,119 @@
+"""`fastnefes refine`: refine coarse poses of a split against a trained feature field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fastnefes.cli.app import app, console
+from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
+from fastnefes.errors import FastnefesError
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def load_refinement_inputs(run: Path, data: Path, format: str, downscale: int, max_side, focal, device: str):
+    """(model, scene) with the run's model on the resolved device."""
+    from fastnefes.train.run import load_run
+    from fastnefes.train.trainer import resolve_device
+
+    model, _ = load_run(run, resolve_device(device))
+    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    return model, scene
+
+
+def before_after_table(scene, split: str, result) -> Optional[Table]:
+    """Evaluation of the initial and refined poses against the split's ground truth."""
+    from fastnefes.cli.commands_data import evaluation_table, scene_poses
+    from fastnefes.evaluate import evaluate_poses
+
+    gt = scene_poses(scene, split)
+    gt = {n: gt[n] for n in result.names}
+    before = evaluate_poses(gt, result.init).summary()
+    after = evaluate_poses(gt, result.refined).summary()
+    return evaluation_table("refinement", {"before": before, "after": after}), before, after
+
+
+@app.command("refine")
+def refine_command(
+    run: Annotated[Path, typer.Argument(help="Trained run directory (fastnefes train).")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder holding the query images.")],
+    out: Annotated[Path, typer.Option("--out", help="Refined pose file to write; diagnostics go beside it as .json.")],
+    init: Annotated[Optional[Path], typer.Option("--init", help="Initial pose file (required for --target pose).")] = None,
+    split: SplitOpt = "test",
+    target: Annotated[str, typer.Option("--target", help="pose: optimise an SE(3) increment; apr: a per-query copy of the APR's weights.")] = "pose",
+    apr: Annotated[Optional[Path], typer.Option("--apr", help="APR directory (fastnefes apr train), for --target apr.")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Iterations per query (default 50).")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Queries refined together in one batched render.")] = 8,
+    loss: Annotated[str, typer.Option("--loss", help="cosine | robust")] = "cosine",
+    signal: Annotated[str, typer.Option("--signal", help="features | rgb (photometric, iNeRF-style)")] = "features",
+    device: DeviceOpt = "auto",
+    format: FormatOpt = "auto",
+    downscale: DownscaleOpt = 1,
+    max_side: MaxSideOpt = None,
+    focal: FocalOpt = None,
+) -> None:
+    """Refine initial poses of a split; writes the pose file plus diagnostics and latency."""
+    import numpy as np
+
+    from fastnefes.geometry import read_poses, write_poses
+    from fastnefes.io import write_json
+    from fastnefes.refine import RefineConfig, refine_split
+
+    if target not in ("pose", "apr"):
+        raise FastnefesError(f"--target {target!r}: expected pose or apr")
+    if loss not in ("cosine", "robust"):
+        raise FastnefesError(f"--loss {loss!r}: expected cosine or robust")
+    if signal not in ("features", "rgb"):
+        raise FastnefesError(f"--signal {signal!r}: expected features or rgb")
+    if target == "pose" and init is None:
+        raise FastnefesError("--target pose needs --init (a pose file of initial poses)")
+    if target == "apr" and apr is None:
+        raise FastnefesError("--target apr needs --apr (an APR directory from fastnefes apr train)")
+
+    model, scene = load_refinement_inputs(run, data, format, downscale, max_side, focal, device)
+    apr_model = None
+    if target == "apr":
+        from fastnefes.apr import check_scene, load_apr
+
+        apr_model = load_apr(apr, model.device)
+        check_scene(apr_model, scene)
+    if init is not None:
+        init_poses = read_poses(init)
+    else:  # APR target without an init file: every image of the split; the APR gives the start
+        init_poses = {scene.names[i]: np.eye(4) for i in scene.split(split)}
+    cfg = RefineConfig(target=target, loss=loss, signal=signal)
+    if iters is not None:
+        cfg.iters = iters
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"refine ({target}, {signal})", total=len(init_poses), info="")
+
+        def on_progress(done: int) -> None:
+            bar.update(task, completed=done)
+
+        result = refine_split(model, scene, split, init_poses, cfg, batch=batch, apr=apr_model, init_path=init or "APR", on_progress=on_progress)
+    write_poses(out, result.refined)
+    report = {"run": str(run), "data": str(data), "split": split, "device": str(model.device), "config": cfg.to_dict(),
+              "batch": batch, **result.to_json()}
+    has_gt = True
+    try:
+        table, before, after = before_after_table(scene, split, result)
+        report["evaluation"] = {"before": before, "after": after}
+    except FastnefesError:
+        has_gt = False
+    json_path = out.with_suffix(".json")
+    write_json(json_path, report)
+    if has_gt:
+        console.print(table)
+    lat = result.latency_ms()
+    console.print(f"latency per query: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms (batch {batch}, {model.device}); "
+                  f"status: {result.status_counts()}")
+    console.print(f"wrote {out} and {json_path}")

@@ -1,0 +1,36 @@
+"""Refinement settings as plain data (saved beside results)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class RefineConfig:
+    """Test-time refinement settings. Translation step sizes are in the field's unit cube, so
+    they mean the same thing in every scene whatever its units."""
+
+    target: str = "pose"  # "pose": an SE(3) increment per query; "apr": a per-query copy of the APR's weights
+    iters: int = 50  # NeFeS50
+    loss: str = "cosine"  # "cosine" (1 - mean cosine, NeFeS) or "robust" (Cauchy on unit features)
+    signal: str = "features"  # "features" (fused feature field) or "rgb" (photometric, iNeRF-style)
+    lr_rot: float = 0.02  # radians per Adam step, pose target
+    lr_trans: float = 0.02  # unit-cube units per Adam step, pose target
+    lr_apr: float = 1e-4  # Adam step for the APR-weights target
+    lr_final_fraction: float = 0.05  # cosine decay of the step sizes to this fraction at the last iteration
+    coarse_iters: int = 15  # first iterations at `coarse_factor` times coarser feature maps
+    coarse_factor: int = 2
+    stride: int = 0  # render stride in image pixels; 0 = the encoder's stride (NeFeS: 1/8 of the image)
+    tol_rot_deg: float = 0.005  # early stop when a step moves less than this ...
+    tol_trans: float = 2e-5  # ... and less than this (unit cube) ...
+    patience: int = 3  # ... for this many consecutive iterations
+    check_every: int = 1  # how often convergence is checked (a host sync on GPU)
+    verify: bool = True  # keep the initial pose when refinement made the loss worse
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RefineConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
