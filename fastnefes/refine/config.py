@@ -14,8 +14,8 @@ class RefineConfig:
     iters: int = 50  # NeFeS50
     loss: str = "cosine"  # "cosine" (1 - mean cosine, NeFeS) or "robust" (Cauchy on unit features)
     signal: str = "features"  # "features" (fused feature field) or "rgb" (photometric, iNeRF-style)
-    lr_rot: float = 0.02  # radians per Adam step, pose target
-    lr_trans: float = 0.02  # unit-cube units per Adam step, pose target
+    lr_rot: float = 0.01  # radians per Adam step, pose target (NeFeS: about 0.01)
+    lr_trans: float = 0.005  # unit-cube units per Adam step (0.005 of the scene cube: 3 cm in a 6 m room)
     lr_apr: float = 1e-4  # Adam step for the APR-weights target
     lr_final_fraction: float = 0.05  # cosine decay of the step sizes to this fraction at the last iteration
     coarse_iters: int = 15  # first iterations at `coarse_factor` times coarser feature maps
