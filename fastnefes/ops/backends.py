@@ -53,6 +53,11 @@ def register_probe(op: str, backend: str, probe: Callable[[str], str | None]) ->
 _probe_cache: dict[tuple[str, str, str], str | None] = {}
 
 
+def forget_probes() -> None:
+    """Drop cached probe results (a backend that failed to build after probing as available)."""
+    _probe_cache.clear()
+
+
 def _probe(op: str, backend: str, device_type: str) -> str | None:
     """Cached: a backend's availability does not change within a process (resolve runs per op call)."""
     key = (op, backend, device_type)
