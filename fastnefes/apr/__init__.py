@@ -27,10 +27,10 @@ def novel_views_from_run(run_dir: str | Path, scene: Scene, device: str = "cpu")
     training camera's intrinsics. Rendering belongs to the render layer, which provides it.
     """
     try:
-        from fastnefes.render import novel_view_renderer  # type: ignore[attr-defined]
+        from fastnefes.novel_views import novel_view_renderer
     except ImportError as exc:
         raise FastnefesError(
-            f"novel views from a field need the render layer (fastnefes.render.novel_view_renderer), "
+            f"novel views from a field need the render layer (fastnefes.novel_views.novel_view_renderer), "
             f"which this install lacks ({exc}); train the APR without --field"
         ) from None
     train_idx = scene.split("train")

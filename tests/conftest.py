@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny synthetic scene and a feature field trained on it (once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_scene():
+    from fastnefes.data.synth import make_synthetic_scene
+
+    return make_synthetic_scene(seed=3, width=64, height=48, n_train=24, n_test=4)
+
+
+def tiny_train_config(steps: int = 400):
+    """A field small enough to train in about a minute on 2 cores, good enough to refine with."""
+    from fastnefes.field.model import ModelConfig
+    from fastnefes.train.config import TrainConfig
+
+    model = ModelConfig(
+        grid=dict(n_levels=6, n_features_per_level=2, log2_hashmap_size=14, base_resolution=8, per_level_scale=1.6),
+        encoder_stride=4, march_steps=128, occ_resolution=32,
+    )
+    return TrainConfig(model=model, steps=steps, batch_rays=1024, val_every=10**9, checkpoint_every=10**9)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_scene, tmp_path_factory):
+    """(run_dir, model) of a field trained on tiny_scene."""
+    from fastnefes.train.run import train
+
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    model, _ = train(tiny_scene, tiny_train_config(), run_dir)
+    return run_dir, model
