@@ -1,0 +1,124 @@
+"""`fastnefes train` (a feature field into a run directory) and `fastnefes render` (a split through it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fastnefes.cli.app import app, console
+from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
+from fastnefes.errors import FastnefesError
+
+RunOut = Annotated[Path, typer.Option("--out", help="Run directory to write (config.json, model.safetensors, metrics.json).")]
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def _end_table(metrics: dict) -> Table:
+    table = Table(title="training")
+    for col in ("stage", "steps", "loss", "rgb", "feature", "match", "fusion", "train PSNR"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for s in metrics["stages"]:
+        cells = [f"{s[k]:.4f}" if k in s else "-" for k in ("loss", "rgb", "feature", "match", "fusion")]
+        table.add_row(s["name"], str(s["steps"]), *cells, f"{s['psnr']:.2f}" if "psnr" in s else "-")
+    val = metrics["val"][-1] if metrics["val"] else None
+    caption = f"wall time {metrics['wall_time_s']:.0f} s"
+    if val:
+        caption += f"; val PSNR {val['psnr']:.2f} dB" + (f" ({val['psnr_act']:.2f} dB with ACT)" if "psnr_act" in val else "")
+        caption += f" on {val['views']} views"
+    table.caption = caption + "\nmatch: the feature-matching term (InfoNCE for ssl, L1 + cosine for distill)"
+    return table
+
+
+@app.command("train")
+def train_field_command(
+    data: DataArg,
+    out: RunOut,
+    format: FormatOpt = "auto",
+    downscale: DownscaleOpt = 1,
+    max_side: MaxSideOpt = None,
+    focal: FocalOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps (default: the config's).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Train for this many minutes instead of a step count.")] = None,
+    device: DeviceOpt = "auto",
+    extractor: Annotated[str, typer.Option("--extractor", help="ssl (self-supervised encoder) or PATH.pt (TorchScript extractor to distill).")] = "ssl",
+    feature_dim: Annotated[Optional[int], typer.Option("--feature-dim", min=1, help="Feature dimension (distill: must match the extractor).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out with its saved config.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+) -> None:
+    """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
+    from fastnefes.train import STAGES, TrainConfig, train
+    from fastnefes.train.run import configure_distill
+    from fastnefes.train.trainer import resolve_device
+
+    if steps is not None and minutes is not None:
+        raise FastnefesError("give --steps or --minutes, not both")
+    torch_device = resolve_device(device)  # fails early for --device cuda without CUDA
+    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    if not scene.split("train"):
+        raise FastnefesError(f"{data}: no training images (the train split is empty)")
+    config = TrainConfig(seed=seed, device=str(torch_device))
+    if steps is not None:
+        config.steps = steps
+    config.minutes = minutes
+    extractor_module, extractor_path = None, None
+    if extractor != "ssl":
+        extractor_path = Path(extractor)
+        extractor_module = configure_distill(config, extractor_path, feature_dim)
+    elif feature_dim is not None:
+        config.model.feature_dim = feature_dim
+    if resume:
+        console.print(f"resuming {out} with its saved configuration")
+
+    with _progress_bar() as bar:
+        task = bar.add_task("photometric", total=1.0, info="")
+        last_val = {"text": ""}
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "val":
+                last_val["text"] = f" val {event['psnr']:.2f} dB"
+            if event["event"] != "step":
+                return
+            rays = f"{event['rays_per_s']:.0f} rays/s" if event.get("rays_per_s") else ""
+            info = f"step {event['step']}  loss {event.get('loss', float('nan')):.4f}  PSNR {event.get('psnr', float('nan')):.2f}{last_val['text']}  {rays}"
+            bar.update(task, completed=event["fraction"], description=STAGES[event["stage"]], info=info)
+
+        _, metrics = train(scene, config, out, resume=resume, extractor=extractor_module, extractor_path=extractor_path,
+                           progress=on_event)
+        bar.update(task, completed=1.0)
+    console.print(_end_table(metrics))
+    console.print(f"run written to {out}")
+
+
+@app.command("render")
+def render_command(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `fastnefes train`.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder (the one the run was trained on).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and render.json.")],
+    split: SplitOpt = "val",
+    format: FormatOpt = "auto",
+    downscale: DownscaleOpt = 1,
+    max_side: MaxSideOpt = None,
+    focal: FocalOpt = None,
+    device: DeviceOpt = "auto",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Render only the first N images of the split.")] = None,
+) -> None:
+    """Render a split: RGB, depth and PCA-coloured feature PNGs, a contact sheet, PSNR / SSIM."""
+    from fastnefes.train.run import render_split
+
+    result = render_split(run, load_scene_from_options(data, format, downscale, max_side, focal), split, out,
+                          device=device, limit=limit)
+    table = Table(title=f"render {split}")
+    for col in ("images", "PSNR", "PSNR (ACT)", "SSIM"):
+        table.add_column(col, justify="right")
+    s = result["summary"]
+    table.add_row(str(s["images"]), f"{s['psnr']:.2f}", f"{s['psnr_act']:.2f}" if s.get("psnr_act") is not None else "-", f"{s['ssim']:.4f}")
+    console.print(table)
+    console.print(f"images in {out} (contact sheet: {out / 'contact_sheet.png'})")

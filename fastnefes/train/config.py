@@ -1,0 +1,108 @@
+"""Training settings as plain data (saved in the run directory's config.json).
+
+Defaults are sized for a 2-core CPU: an 8-level 2^17 hash grid, 64^3 occupancy grid, 16-d
+features and a budget of ~32k samples a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from fastnefes.errors import FastnefesError
+from fastnefes.field.model import ModelConfig
+
+STAGES = ("photometric", "features", "fusion")
+
+
+@dataclass
+class TrainConfig:
+    """Progressive NeFeS training: photometric -> + features (+ encoder) -> + fusion."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    device: str = "cpu"
+    mixed_precision: bool = True  # CUDA only (fp16 autocast + grad scaling); ignored on CPU
+    # Budget: a step count, split over the stages by `stage_fractions`, or wall minutes (the
+    # stages then switch at those fractions of the time).
+    steps: int = 3000
+    minutes: Optional[float] = None
+    stage_fractions: tuple[float, float, float] = (0.6, 0.25, 0.15)
+    # Rays per step (stages 1-2): start at batch_rays, then adapt so a step marches about
+    # batch_samples samples (instant-ngp / nerfacc: fixed work per step while the occupancy grid
+    # empties), within [min_batch_rays, max_batch_rays]. batch_samples = 0 keeps batch_rays.
+    # Stage 2 draws them from `feature_images` images per step, as the encoder sees whole images.
+    batch_rays: int = 1024
+    batch_samples: int = 1 << 15
+    min_batch_rays: int = 256
+    max_batch_rays: int = 8192
+    feature_images: int = 4
+    contrastive_pixels: int = 512  # rays of the batch that also enter the contrastive / distill loss
+    # Stage 3: patches of patch_size^2 feature cells (stride = encoder stride) from
+    # fusion_images images, poses jittered by up to these amounts (unit-cube translation).
+    fusion_images: int = 2
+    patches_per_image: int = 2
+    patch_size: int = 12
+    jitter_rot_deg: float = 5.0
+    jitter_trans: float = 0.03
+    fusion_rgb_fraction: float = 0.5  # stage 3 keeps this share of the photometric rays
+    fusion_min_opacity: float = 0.5  # patch pixels whose rendered depth is trusted for the target warp
+    # Optimisation (Adam); every rate decays exponentially to lr_decay x over its active stages.
+    lr_grid: float = 1e-2
+    lr_mlp: float = 5e-3
+    lr_feature: float = 3e-3
+    lr_encoder: float = 3e-3
+    lr_fusion: float = 1e-3
+    lr_act: float = 1e-3
+    lr_decay: float = 0.1
+    weight_decay_mlp: float = 1e-6
+    # Loss weights.
+    transient_reg: float = 0.01  # NeRF-W's mean transient density penalty
+    act_anchor_weight: float = 1.0  # keeps the mean ACT over the training images at the identity
+    feature_weight: float = 1.0  # stage 2+ contrastive (ssl) or distillation loss
+    fusion_weight: float = 1.0  # stage 3 fused-feature loss
+    contrastive_temperature: float = 0.1
+    positive_radius: float = 0.01  # unit cube: rendered points closer than this are the same point
+    variance_weight: float = 1.0  # anti-collapse: per-dimension std hinge
+    covariance_weight: float = 1.0  # anti-collapse: off-diagonal covariance
+    # Occupancy grid.
+    occ_update_every: int = 16
+    occ_warmup_steps: int = 256
+    occ_threshold: float = 0.01
+    occ_ema_decay: float = 0.95
+    # Book-keeping.
+    val_every: int = 500
+    val_images: int = 2
+    val_stride: int = 2
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        self.stage_fractions = tuple(float(f) for f in self.stage_fractions)  # type: ignore[assignment]
+        if len(self.stage_fractions) != 3 or any(f < 0 for f in self.stage_fractions) or sum(self.stage_fractions) <= 0:
+            raise FastnefesError(f"train config: stage_fractions={self.stage_fractions}, expected three non-negative numbers")
+        if self.minutes is None and not (isinstance(self.steps, int) and self.steps >= 1):
+            raise FastnefesError(f"train config: steps={self.steps!r}, expected a positive integer")
+        if self.minutes is not None and not self.minutes > 0:
+            raise FastnefesError(f"train config: minutes={self.minutes!r}, expected a positive number")
+
+    def stage_steps(self) -> list[int]:
+        """Steps per stage for a step budget (rounded so they sum to `steps`)."""
+        total = sum(self.stage_fractions)
+        bounds = [round(self.steps * sum(self.stage_fractions[: k + 1]) / total) for k in range(3)]
+        return [bounds[0], bounds[1] - bounds[0], bounds[2] - bounds[1]]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stage_fractions"] = list(self.stage_fractions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise FastnefesError(f"train config: unknown keys {unknown}")
+        return cls(**d)

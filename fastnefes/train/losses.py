@@ -1,0 +1,110 @@
+"""Training losses and image metrics.
+
+- photometric_loss: NeRF-W's uncertainty-weighted colour loss (or plain MSE without transients).
+- contrastive_loss: pixel-level InfoNCE between rendered and encoder features, with geometry-
+  aware soft positives (pixels whose rendered surface points coincide are positives, so two
+  views of one point pull together and nearby pixels are not pushed apart), both directions.
+- variance_covariance_loss: anti-collapse regulariser (VICReg-style) on unit features.
+- distill_loss: L1 + cosine distance to a frozen extractor's features.
+- psnr, ssim: image metrics (SSIM: 11x11 gaussian window, sigma 1.5, K1 0.01, K2 0.03).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def photometric_loss(rgb: Tensor, target: Tensor, beta: Optional[Tensor] = None,
+                     transient_density: Optional[Tensor] = None, transient_reg: float = 0.01) -> Tensor:
+    """rgb, target [R,3]; beta [R] (>= beta_min) -> scalar.
+
+    With beta: mean(|c - c*|^2 / (2 beta^2) + log beta) + transient_reg * mean transient density (NeRF-W).
+    """
+    sq = (rgb - target).pow(2).sum(-1)
+    if beta is None:
+        return sq.mean() / 3.0
+    loss = (sq / (2.0 * beta.pow(2)) + torch.log(beta)).mean()
+    if transient_density is not None:
+        loss = loss + transient_reg * transient_density
+    return loss
+
+
+def soft_positive_targets(points: Tensor, radius: float) -> Tensor:
+    """Rows of soft positives [P,P] from surface points [P,3]: exp(-d^2 / (2 r^2)), rows sum to 1."""
+    d2 = torch.cdist(points, points).pow(2)
+    w = torch.exp(-d2 / (2.0 * radius * radius))
+    return w / w.sum(-1, keepdim=True)
+
+
+def contrastive_loss(rendered: Tensor, encoded: Tensor, points: Optional[Tensor] = None, radius: float = 0.01,
+                     temperature: float = 0.1) -> Tensor:
+    """Symmetric InfoNCE over P pixels: rendered [P,D] vs encoded [P,D] (normalised inside).
+
+    points [P,3]: rendered surface points (unit cube) giving soft positives; None = identity targets.
+    """
+    r = F.normalize(rendered.float(), dim=-1)
+    e = F.normalize(encoded.float(), dim=-1)
+    logits = r @ e.t() / temperature
+    targets = torch.eye(r.shape[0], device=r.device) if points is None else soft_positive_targets(points.float(), radius)
+    loss_r = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_e = -(targets.t() * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return 0.5 * (loss_r + loss_e)
+
+
+def variance_covariance_loss(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Anti-collapse terms for unit features [P,D], scaled so an isotropic spread scores 0.
+
+    variance: mean over dims of relu(1 - sqrt(D) std_d); covariance: sum of squared
+    off-diagonal entries of D * cov, over D.
+    """
+    f = F.normalize(features.float(), dim=-1)
+    n, d = f.shape
+    f = f - f.mean(0, keepdim=True)
+    std = torch.sqrt(f.pow(2).sum(0) / max(n - 1, 1) + 1e-6)
+    variance = F.relu(1.0 - std * math.sqrt(d)).mean()
+    cov = (f.t() @ f) / max(n - 1, 1) * d
+    off = cov - torch.diag(torch.diagonal(cov))
+    return variance, off.pow(2).sum() / d
+
+
+def distill_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L1 + (1 - cosine) between predicted and target features [P,D]."""
+    return (pred - target).abs().mean() + (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
+
+
+def psnr(pred: Tensor, target: Tensor) -> Tensor:
+    """PSNR (dB) of images in [0,1] (any matching shapes)."""
+    mse = (pred.float() - target.float()).pow(2).mean()
+    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> Tensor:
+    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2.0
+    g = torch.exp(-x.pow(2) / (2.0 * sigma * sigma))
+    g = g / g.sum()
+    return (g[:, None] @ g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(pred: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+    """Mean SSIM (Wang et al. 2004) of images [B,C,H,W] in [0, data_range]: gaussian 11x11 window,
+    sigma 1.5, K1 = 0.01, K2 = 0.03, 'valid' filtering (no padding) -> [B]."""
+    pred, target = pred.double(), target.double()
+    c = pred.shape[1]
+    win = _gaussian_window(window, sigma, c, pred.device, pred.dtype)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def filt(x: Tensor) -> Tensor:
+        return F.conv2d(x, win, groups=c)
+
+    mu_x, mu_y = filt(pred), filt(target)
+    sxx = filt(pred * pred) - mu_x.pow(2)
+    syy = filt(target * target) - mu_y.pow(2)
+    sxy = filt(pred * target) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x.pow(2) + mu_y.pow(2) + c1) * (sxx + syy + c2)
+    return (num / den).flatten(1).mean(1).float()

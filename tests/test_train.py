@@ -1,0 +1,192 @@
+"""Training: losses and metrics against independent references, the sampler's geometry, the
+progressive trainer (PSNR rises, determinism, NaN handling)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from fastnefes.data.synth import make_synthetic_scene
+from fastnefes.train import TrainConfig, TrainingDiverged, train
+from fastnefes.train import losses
+from fastnefes.train.losses import contrastive_loss, photometric_loss, psnr, ssim, variance_covariance_loss
+from fastnefes.train.sampler import ImageSet, RaySampler, backproject, reproject
+from fastnefes.train.trainer import Trainer
+
+TINY_GRID = {"n_levels": 6, "n_features_per_level": 2, "log2_hashmap_size": 14, "base_resolution": 16, "per_level_scale": 1.5}
+
+
+def tiny_config(**kw) -> TrainConfig:
+    cfg = TrainConfig(batch_samples=4000, val_every=0, log_every=1, **kw)
+    cfg.model.grid = dict(TINY_GRID)
+    cfg.model.occ_resolution = 32
+    cfg.model.encoder_stride, cfg.model.encoder_width, cfg.model.feature_dim = 4, 8, 8
+    cfg.model.fusion_width = 8
+    cfg.patch_size = 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def small_room():
+    return make_synthetic_scene(seed=2, width=48, height=36, n_train=12, n_test=2, supersample=1)
+
+
+# ---- losses and metrics -------------------------------------------------------------------
+def test_photometric_loss_matches_nerf_w_formula():
+    rgb, target = torch.rand(7, 3), torch.rand(7, 3)
+    beta = torch.rand(7) + 0.1
+    expected = (((rgb - target) ** 2).sum(-1) / (2 * beta**2) + torch.log(beta)).mean() + 0.01 * 0.5
+    assert torch.allclose(photometric_loss(rgb, target, beta, torch.tensor(0.5), 0.01), expected)
+    assert torch.allclose(photometric_loss(rgb, target), F.mse_loss(rgb, target))
+
+
+def test_contrastive_loss_is_symmetric_cross_entropy_for_hard_targets():
+    a, b = torch.randn(20, 8), torch.randn(20, 8)
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / 0.1
+    labels = torch.arange(20)
+    expected = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    assert torch.allclose(contrastive_loss(a, b, None, temperature=0.1), expected, atol=1e-5)
+    # Far-apart surface points give the same hard targets; coincident ones share positives.
+    far = torch.arange(20, dtype=torch.float32)[:, None].expand(20, 3) * 10
+    assert torch.allclose(contrastive_loss(a, b, far, radius=0.01, temperature=0.1), expected, atol=1e-5)
+    same = losses.soft_positive_targets(torch.zeros(4, 3), 0.01)
+    assert torch.allclose(same, torch.full((4, 4), 0.25))
+
+
+def test_variance_covariance_loss_separates_spread_from_collapse():
+    spread = torch.cat([torch.eye(8), -torch.eye(8)])  # isotropic unit vectors
+    var, cov = variance_covariance_loss(spread)
+    assert float(var) < 0.1 and float(cov) < 1e-6
+    collapsed = torch.ones(16, 8) + 1e-3 * torch.randn(16, 8)
+    var_c, _ = variance_covariance_loss(collapsed)
+    assert float(var_c) > 0.9
+
+
+def ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. SSIM with scipy gaussian filtering (sigma 1.5, radius 5 = 11x11), borders cropped."""
+    c1, c2 = 0.01**2, 0.03**2
+    vals = []
+    for ch in range(x.shape[2]):
+        a, b = x[..., ch].astype(np.float64), y[..., ch].astype(np.float64)
+        f = lambda im: gaussian_filter(im, 1.5, truncate=3.5)  # noqa: E731  (radius int(3.5*1.5+0.5) = 5)
+        mu_a, mu_b = f(a), f(b)
+        saa, sbb, sab = f(a * a) - mu_a**2, f(b * b) - mu_b**2, f(a * b) - mu_a * mu_b
+        m = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
+        vals.append(m[5:-5, 5:-5])
+    return float(np.mean(vals))
+
+
+def test_ssim_and_psnr_against_independent_references():
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 50, 3))
+    y = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
+    got = float(ssim(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(y).permute(2, 0, 1)[None])[0])
+    assert got == pytest.approx(ssim_reference(x, y), abs=1e-6)
+    assert float(ssim(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(x).permute(2, 0, 1)[None])[0]) == pytest.approx(1.0)
+    mse = np.mean((x - y) ** 2)
+    assert float(psnr(torch.from_numpy(x), torch.from_numpy(y))) == pytest.approx(-10 * math.log10(mse), rel=1e-5)
+
+
+# ---- sampler ------------------------------------------------------------------------------
+def test_rays_pass_through_their_pixels_and_carry_their_colours(small_room):
+    images = ImageSet(small_room, small_room.split("train"), "cpu")
+    sampler = RaySampler(images, seed=0)
+    batch = sampler.rays(64)
+    for r in range(0, 64, 7):
+        k = int(batch.image_ids[r])
+        idx = images.indices[k]
+        x, y = batch.pixels[r].tolist()
+        expected = small_room.image(idx)[int(y), int(x)] / 255.0
+        assert np.allclose(batch.rgb[r].numpy(), expected)
+        c2w, K = small_room.c2w[idx], small_room.K[idx]
+        assert np.allclose(batch.origins[r].numpy(), c2w[:3, 3], atol=1e-5)
+        d_cam = np.array([(x - K[0, 2]) / K[0, 0], (y - K[1, 2]) / K[1, 1], 1.0])
+        d = c2w[:3, :3] @ d_cam
+        assert np.allclose(batch.dirs[r].numpy(), d / np.linalg.norm(d), atol=1e-5)
+    # From chosen images: evenly split, image by image.
+    ids = sampler.choose_images(3)
+    batch = sampler.rays(30, ids)
+    assert torch.equal(batch.image_ids, ids.repeat_interleave(10))
+
+
+def test_patches_sit_on_feature_cell_centres(small_room):
+    images = ImageSet(small_room, small_room.split("train"), "cpu")
+    sampler = RaySampler(images, seed=0)
+    pix = sampler.patches(torch.tensor([0, 1]), per_image=3, size=4, stride=4)
+    assert pix.shape == (6, 4, 4, 2)
+    assert torch.allclose(torch.remainder(pix / 4 - 0.5, 1.0), torch.zeros_like(pix))
+    assert torch.allclose(pix[:, :, 1:, 0] - pix[:, :, :-1, 0], torch.full((6, 4, 3), 4.0))
+    assert float(pix[..., 0].max()) < 48 and float(pix[..., 1].max()) < 36
+
+
+def test_reproject_and_jitter_geometry(small_room):
+    images = ImageSet(small_room, small_room.split("train"), "cpu")
+    sampler = RaySampler(images, seed=0)
+    c2w = images.c2w[:2]
+    jittered = sampler.jitter(c2w, 3.0, 0.05)
+    delta_t = (jittered[:, :3, 3] - c2w[:, :3, 3]).norm(dim=-1)
+    cos = ((torch.einsum("bij,bij->b", jittered[:, :3, :3], c2w[:, :3, :3]) - 1) / 2).clamp(-1, 1)
+    assert bool((delta_t <= 0.05 + 1e-6).all()) and bool((torch.rad2deg(torch.acos(cos)) <= 3.0 + 1e-3).all())
+    K = images.K[:2]
+    pixels = torch.rand(2, 3, 3, 2) * 30
+    depth = torch.rand(2, 3, 3) + 1.0
+    same, z = reproject(pixels, depth, K, c2w, c2w)
+    assert torch.allclose(same, pixels, atol=1e-3) and torch.allclose(z, depth, atol=1e-5)
+    uv, z2 = reproject(pixels, depth, K, jittered, c2w)
+    world = backproject(pixels, depth, K, jittered)
+    cam = (world - c2w[:, None, None, :3, 3]) @ c2w[:, None, :3, :3]
+    assert torch.allclose(z2, cam[..., 2], atol=1e-5)
+    assert torch.allclose(uv[..., 0], cam[..., 0] / cam[..., 2] * K[:, None, None, 0, 0] + K[:, None, None, 0, 2], atol=1e-3)
+
+
+# ---- the trainer --------------------------------------------------------------------------
+def test_progressive_training_raises_psnr_and_runs_all_stages(small_room):
+    cfg = tiny_config(steps=72, stage_fractions=(0.75, 0.125, 0.125))
+    cfg.val_images, cfg.val_stride = 2, 1
+    cfg.fusion_min_opacity = 0.1  # 54 photometric steps leave the tiny room semi-transparent
+    model, metrics = train(small_room, cfg)
+    history = metrics["history"]
+    early = np.mean([h["psnr"] for h in history[:5]])
+    late = np.mean([h["psnr"] for h in history[45:54]])
+    assert late > early + 1.2, (early, late)  # a closed room starts slowly: fog, then walls
+    assert [s["steps"] for s in metrics["stages"]] == [54, 9, 9]
+    assert all("feature" in h for h in history if h["stage"] == 1)
+    assert any("fusion" in h and "feature" in h for h in history if h["stage"] == 2)
+    assert metrics["val"] and metrics["val"][-1]["step"] == 72
+    assert not model.training
+
+
+def test_training_is_deterministic_for_a_seed(small_room):
+    make = lambda: tiny_config(steps=8, stage_fractions=(0.5, 0.25, 0.25))  # noqa: E731
+    m1, _ = train(small_room, make())
+    m2, _ = train(small_room, make())
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    cfg = make()
+    cfg.seed = 1
+    m3, _ = train(small_room, cfg)
+    assert not torch.equal(m3.geometry.encoding.params, m1.geometry.encoding.params)
+
+
+def test_nan_loss_stops_training_naming_step_and_stage(small_room, tmp_path, monkeypatch):
+    cfg = tiny_config(steps=12, stage_fractions=(0.5, 0.5, 0.0), checkpoint_every=4)
+    real_step = Trainer.step
+
+    def poisoned(self):
+        logged = real_step(self)
+        if self.state.step == 6:  # the 7th step, in stage 2
+            logged["loss"] = logged["loss"] * float("nan")
+        return logged
+
+    monkeypatch.setattr(Trainer, "step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"at step 6 \(stage 2 'features'\)"):
+        train(small_room, cfg, tmp_path / "run")
+    from fastnefes.train.run import read_checkpoint
+
+    _, meta = read_checkpoint(tmp_path / "run")
+    assert meta["progress"]["step"] == 4 and not meta["complete"]  # the last good checkpoint, intact
