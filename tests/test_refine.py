@@ -69,11 +69,17 @@ def test_batched_and_single_agree(tiny_run, tiny_scene):
     _, model = tiny_run
     images, K, gt = _queries(tiny_scene, 3)
     init = perturb_poses(gt, 2.0, 0.03, seed=2)
-    cfg = RefineConfig(iters=12)
+    # Few iterations: a render's sample choices are thresholds, so float rounding that differs
+    # with the batch's shape can flip one and trajectories then part slowly; a mixed-up row,
+    # shared optimiser state or cross-talk in the batched render moves a pose by whole steps.
+    cfg = RefineConfig(iters=5, coarse_iters=2, verify=False)
     batched = Refiner(model, cfg).refine(images, K, init)
+    moved_t, moved_r = pose_errors(batched.poses, init)
+    assert np.all(moved_r > 0.2)  # the comparison means something: every query moved
     for i in range(3):
         single = Refiner(model, cfg).refine(images[i : i + 1], K[i : i + 1], init[i : i + 1])
-        assert np.allclose(single.poses[0], batched.poses[i], atol=2e-4)
+        dt, dr = pose_errors(single.poses, batched.poses[i : i + 1])
+        assert dt[0] < 0.05 * moved_t[i] and dr[0] < 0.05 * moved_r[i], (dt, dr, moved_t[i], moved_r[i])
         assert single.diagnostics[0].iterations == batched.diagnostics[i].iterations
 
 
@@ -84,9 +90,9 @@ def test_verification_keeps_the_initial_pose_when_the_loss_gets_worse(tiny_run, 
     calls = {"n": 0}
     real = refiner.loss
 
-    def worse_every_time(rendered, target):  # constructed: the loss only ever grows
+    def worse_every_time(rendered, target, signal=None):  # constructed: the loss only ever grows
         calls["n"] += 1
-        return real(rendered, target) * 0 + calls["n"]
+        return real(rendered, target, signal) * 0 + calls["n"]
 
     monkeypatch.setattr(refiner, "loss", worse_every_time)
     res = refiner.refine(images, K, gt)
@@ -100,8 +106,8 @@ def test_nan_loss_returns_the_initial_pose_flagged_failed(tiny_run, tiny_scene, 
     refiner = Refiner(model, RefineConfig(iters=4, coarse_iters=0))
     real = refiner.loss
 
-    def nan_for_second(rendered, target):
-        out = real(rendered, target)
+    def nan_for_second(rendered, target, signal=None):
+        out = real(rendered, target, signal)
         if out.requires_grad and out.shape[0] == 2:
             out = out * torch.tensor([1.0, float("nan")])
         return out
@@ -121,11 +127,55 @@ def test_apr_target_updates_only_the_copy(tiny_run, tiny_scene):
     apr.set_frame(tiny_scene.c2w[tiny_scene.split("train")])
     apr.eval()
     before = {k: v.clone() for k, v in apr.state_dict().items()}
-    res = Refiner(model, RefineConfig(target="apr", iters=3, verify=False)).refine(images, K, None, apr=apr)
+    res = Refiner(model, RefineConfig(target="apr", iters=3, verify=False, polish_iters=0)).refine(images, K, None, apr=apr)
     after = apr.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert res.diagnostics[0].iterations == 3
     assert not np.allclose(res.poses[0], res.initial[0])  # the copy did move
+
+
+def test_per_ray_jacobian_matches_the_pose_gradient(tiny_run, tiny_scene):
+    from fastnefes.geometry import generate_rays, pixel_grid, se3_exp
+    from fastnefes.refine.gauss_newton import photometric_jacobian
+    from fastnefes.refine.refiner import frozen
+    from fastnefes.render import render_rays
+
+    _, model = tiny_run
+    images, K, gt = _queries(tiny_scene, 2)
+    K = torch.tensor(K, dtype=torch.float32)
+    init = torch.tensor(perturb_poses(gt, 1.0, 0.02, seed=4), dtype=torch.float32)
+    delta = torch.tensor([[0.01, -0.02, 0.005, 0.01, 0.0, -0.01], [0.0, 0.01, 0.0, 0.0, 0.02, 0.0]])
+    pixels = pixel_grid(48, 64, 4).reshape(-1, 2)
+    weights = torch.rand(2, pixels.shape[0], 3, generator=torch.Generator().manual_seed(0))
+    flags = [p.requires_grad for p in model.parameters()]
+    with frozen(model.eval()):
+        rgb, J = photometric_jacobian(model, K, init, delta, pixels)
+        d = delta.clone().requires_grad_(True)
+        c2w = init @ se3_exp(d)
+        o, dirs, _ = generate_rays(K, c2w, pixels.expand(2, *pixels.shape))
+        ref = render_rays(model, o.reshape(-1, 3), dirs.reshape(-1, 3), with_features=False)["rgb"].reshape(2, -1, 3)
+        grad, = torch.autograd.grad((ref * weights).sum(), d)
+    assert torch.allclose(rgb, ref.detach(), atol=1e-5)
+    # J^T w, summed over rays and channels, is the gradient of sum(w * rgb) with one shared pose.
+    assert torch.allclose(torch.einsum("bnci,bnc->bi", J, weights), grad, rtol=1e-3, atol=1e-4)
+    assert [p.requires_grad for p in model.parameters()] == flags  # frozen() restores the flags
+
+
+def test_polish_never_raises_the_photometric_loss(tiny_run, tiny_scene):
+    _, model = tiny_run
+    images, K, gt = _queries(tiny_scene, 3)
+    init = perturb_poses(gt, 1.0, 0.02, seed=5)
+    cfg = RefineConfig(iters=0, polish_iters=4, polish_stride=2, verify=False)
+    refiner = Refiner(model, cfg)
+    res = refiner.refine(images, K, init)
+    target = refiner.encode_queries(images, "rgb", 2)
+    Kt = torch.tensor(K, dtype=torch.float32)
+    with torch.no_grad():
+        before = refiner._loss_at(Kt, torch.tensor(init, dtype=torch.float32), target, 48, 64, 2, signal="rgb")
+        after = refiner._loss_at(Kt, torch.tensor(res.poses, dtype=torch.float32), target, 48, 64, 2, signal="rgb")
+    assert torch.all(after <= before + 1e-7), (before, after)
+    assert torch.any(after < 0.9 * before)  # and it does move
+    assert all(d.iterations >= 1 for d in res.diagnostics)
 
 
 def run_cli(*args):

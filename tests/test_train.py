@@ -190,3 +190,11 @@ def test_nan_loss_stops_training_naming_step_and_stage(small_room, tmp_path, mon
 
     _, meta = read_checkpoint(tmp_path / "run")
     assert meta["progress"]["step"] == 4 and not meta["complete"]  # the last good checkpoint, intact
+
+
+def test_minutes_budget_stops_on_time_with_stages_in_order(small_room):
+    cfg = tiny_config(minutes=0.02, stage_fractions=(0.5, 0.3, 0.2))  # 1.2 s of training
+    _, metrics = train(small_room, cfg)
+    assert metrics["wall_time_s"] >= 1.2 and metrics["steps"] >= 1
+    stages = [h["stage"] for h in metrics["history"]]
+    assert stages == sorted(stages) and stages[0] == 0

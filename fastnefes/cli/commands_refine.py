@@ -54,6 +54,8 @@ def refine_command(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Queries refined together in one batched render.")] = 8,
     loss: Annotated[str, typer.Option("--loss", help="cosine | robust")] = "cosine",
     signal: Annotated[str, typer.Option("--signal", help="features | rgb (photometric, iNeRF-style)")] = "features",
+    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations after the main phase (default 10; 0 = none).")] = None,
+    polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel in the polish phase (default 2).")] = None,
     device: DeviceOpt = "auto",
     format: FormatOpt = "auto",
     downscale: DownscaleOpt = 1,
@@ -92,6 +94,10 @@ def refine_command(
     cfg = RefineConfig(target=target, loss=loss, signal=signal)
     if iters is not None:
         cfg.iters = iters
+    if polish_iters is not None:
+        cfg.polish_iters = polish_iters
+    if polish_stride is not None:
+        cfg.polish_stride = polish_stride
 
     with progress_bar() as bar:
         task = bar.add_task(f"refine ({target}, {signal})", total=len(init_poses), info="")

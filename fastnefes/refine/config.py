@@ -26,6 +26,16 @@ class RefineConfig:
     patience: int = 3  # ... for this many consecutive iterations
     check_every: int = 1  # how often convergence is checked (a host sync on GPU)
     verify: bool = True  # keep the initial pose when refinement made the loss worse
+    # Photometric polish: features give the wide basin but pin the pose only to a few cm (their
+    # maps are 1/8 resolution and smooth); a final RGB phase at a finer stride, started from the
+    # feature result, pins it to millimetres. It is undone for a query whose RGB loss it raised.
+    polish_iters: int = 10  # 0 = no polish
+    polish_stride: int = 2  # image pixels per rendered pixel in the polish phase
+    polish_method: str = "lm"  # "lm" (Levenberg-Marquardt) or "adam"
+    polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
+    lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
+    lm_max_rot_deg: float = 1.0  # trust region: a polish step turns at most this much ...
+    lm_max_trans: float = 0.01  # ... and moves at most this far (unit cube)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,7 @@ A verification step keeps the initial pose when the final loss is not better.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from fastnefes.geometry import se3_exp
 from fastnefes.refine.config import RefineConfig
+from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
 
 STATUS = ("converged", "max_iters", "kept_initial", "failed")
@@ -73,12 +75,37 @@ class BatchedAdam:
         return update
 
 
-def _lr_scale(cfg: RefineConfig, it: int) -> float:
-    """Cosine decay from 1 to lr_final_fraction over the iterations."""
-    if cfg.iters <= 1:
+def _lr_scale(iters: int, it: int, final_fraction: float) -> float:
+    """Cosine decay from 1 to final_fraction over a phase's iterations."""
+    if iters <= 1:
         return 1.0
-    f = cfg.lr_final_fraction
-    return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * it / (cfg.iters - 1)))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * it / (iters - 1)))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimisation phase of the pose target: which signal, at which render stride."""
+
+    signal: str  # "features" or "rgb"
+    stride: int  # image pixels per rendered pixel
+    iters: int
+    coarse_iters: int  # the first iterations at coarse_factor times coarser maps
+    lr_fraction: float  # step sizes relative to lr_rot / lr_trans
+    method: str = "adam"  # "adam" (any signal) or "lm" (Levenberg-Marquardt, rgb only)
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """The model's parameters stop requiring gradients for the block (pose gradients only: the
+    backward passes skip e.g. the hash table's scatter), and are restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class Refiner:
@@ -98,14 +125,22 @@ class Refiner:
     def stride(self) -> int:
         return self.config.stride or int(self.model.feature_stride)
 
+    def phases(self) -> list[Phase]:
+        cfg = self.config
+        out = [Phase(cfg.signal, self.stride(), cfg.iters, cfg.coarse_iters, 1.0)]
+        if cfg.polish_iters > 0:
+            out.append(Phase("rgb", cfg.polish_stride, cfg.polish_iters, 0, cfg.polish_lr_fraction, cfg.polish_method))
+        return out
+
     @torch.no_grad()
-    def encode_queries(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def encode_queries(self, images: np.ndarray | torch.Tensor, signal: Optional[str] = None,
+                       stride: Optional[int] = None) -> torch.Tensor:
         """Query targets at the render resolution: [B, C, H/s, W/s] (features, or RGB for signal rgb)."""
+        signal, s = signal or self.config.signal, stride or self.stride()
         x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images, device=self.device)
         x = x.permute(0, 3, 1, 2).float() / 255.0 if x.dtype == torch.uint8 else x
-        s = self.stride()
         h, w = x.shape[-2] // s, x.shape[-1] // s
-        if self.config.signal == "rgb":
+        if signal == "rgb":
             return F.interpolate(x, size=(h, w), mode="area")
         feats = self.model.encode_images(x)
         if feats.shape[-2:] != (h, w):
@@ -113,25 +148,27 @@ class Refiner:
         return feats
 
     # -- render side ------------------------------------------------------------------------
-    def render_signal(self, K: torch.Tensor, c2w: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    def render_signal(self, K: torch.Tensor, c2w: torch.Tensor, height: int, width: int, stride: int,
+                      signal: Optional[str] = None) -> torch.Tensor:
         """Rendered features (or RGB) [B, C, height/stride, width/stride] at poses c2w [B, 4, 4]."""
         from fastnefes.render import render_image
 
-        rgb_only = self.config.signal == "rgb"
+        rgb_only = (signal or self.config.signal) == "rgb"
         out = render_image(self.model, K, c2w, height, width, stride=stride, fused=not rgb_only)
         key = "rgb" if rgb_only else "fused"
         return out[key].permute(0, 3, 1, 2)
 
-    def loss(self, rendered: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.config.signal == "rgb":
+    def loss(self, rendered: torch.Tensor, target: torch.Tensor, signal: Optional[str] = None) -> torch.Tensor:
+        """[B] losses between rendered and query maps [B, C, h, w]."""
+        if (signal or self.config.signal) == "rgb":
             return photometric_loss(rendered, target)
         return feature_metric_loss(rendered, target, self.config.loss)
 
-    def _loss_at(self, K, c2w, target, height, width, stride, factor: int = 1) -> torch.Tensor:
+    def _loss_at(self, K, c2w, target, height, width, stride, factor: int = 1, signal: Optional[str] = None) -> torch.Tensor:
         if factor > 1:
             target = F.avg_pool2d(target, factor)
-        rendered = self.render_signal(K, c2w, height, width, stride * factor)
-        return self.loss(rendered, target[..., : rendered.shape[-2], : rendered.shape[-1]])
+        rendered = self.render_signal(K, c2w, height, width, stride * factor, signal)
+        return self.loss(rendered, target[..., : rendered.shape[-2], : rendered.shape[-1]], signal)
 
     # -- public API -------------------------------------------------------------------------
     def refine(
@@ -152,6 +189,10 @@ class Refiner:
             apr: the APR module, for target "apr".
             progress: called with the number of queries finished.
         """
+        with frozen(self.model):
+            return self._refine(images, K, init_c2w, apr, progress)
+
+    def _refine(self, images, K, init_c2w, apr, progress) -> RefineResult:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
@@ -159,10 +200,13 @@ class Refiner:
             if apr is None:
                 raise ValueError("target 'apr' needs an APR")
             results = [self._refine_apr_one(images[i : i + 1], K[i : i + 1], apr) for i in range(len(images))]
+            result = RefineResult(np.concatenate([r.poses for r in results]), np.concatenate([r.initial for r in results]),
+                                  [d for r in results for d in r.diagnostics])
+            if self.config.polish_iters > 0:  # the photometric polish then refines the APR's refined pose
+                result = self._polish_apr_result(images, K, result)
             if progress:
                 progress(len(images))
-            return RefineResult(np.concatenate([r.poses for r in results]), np.concatenate([r.initial for r in results]),
-                                [d for r in results for d in r.diagnostics])
+            return result
         return self._refine_poses(images, K, init_c2w, progress)
 
     def _refine_poses(self, images, K_np, init_np, progress) -> RefineResult:
@@ -172,64 +216,124 @@ class Refiner:
         dev = self.device
         K = torch.as_tensor(K_np, dtype=torch.float32, device=dev)
         init = torch.as_tensor(init_np, dtype=torch.float32, device=dev)
-        target = self.encode_queries(images)
-        stride = self.stride()
-        # Translation steps are taken in the unit cube: world = unit / scale.
-        unit_to_world = 1.0 / float(self.model.normalization.scale)
-        lrs = torch.tensor([cfg.lr_rot] * 3 + [cfg.lr_trans * unit_to_world] * 3, device=dev)
-        delta = torch.zeros(B, 6, device=dev)
-        adam = BatchedAdam(B, lrs)
-        quiet = torch.zeros(B, dtype=torch.long, device=dev)
+        phases = self.phases()
+        delta = torch.zeros(B, 6, device=dev)  # se(3) increment on the initial pose, per query
+        failed = torch.zeros(B, dtype=torch.bool)
+        converged = torch.zeros(B, dtype=torch.bool)
         iters = torch.zeros(B, dtype=torch.long)
-        active = torch.ones(B, dtype=torch.bool)
-        status = ["max_iters"] * B
-        tol = torch.tensor([math.radians(cfg.tol_rot_deg)] * 3 + [cfg.tol_trans * unit_to_world] * 3, device=dev)
+        initial_loss = final_loss = None
+        for n, phase in enumerate(phases):
+            target = self.encode_queries(images, phase.signal, phase.stride)
+            with torch.no_grad():
+                before = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
+            start = delta.clone()
+            report = progress if n == len(phases) - 1 else None
+            if phase.method == "lm":
+                converged = levenberg_marquardt_phase(self.model, K, init, target, H, W, phase.stride, phase.iters,
+                                                      delta, failed, iters, self._tolerance(), self._max_step(),
+                                                      cfg.lm_damping, report)
+            else:
+                converged = self._run_phase(phase, K, init, target, H, W, delta, failed, iters, report)
+            with torch.no_grad():
+                after = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
+            if n == 0:
+                initial_loss, final_loss = before, after
+            else:  # a later phase is undone for a query whose loss it did not lower
+                undo = ~(after < before) & ~failed.to(dev)
+                delta[undo] = start[undo]
 
-        with torch.no_grad():
-            initial_loss = self._loss_at(K, init, target, H, W, stride)
-        for it in range(cfg.iters):
-            rows = active.nonzero()[:, 0]
-            if rows.numel() == 0:
-                break
-            rows_d = rows.to(dev)
-            factor = cfg.coarse_factor if it < cfg.coarse_iters else 1
-            d = delta[rows_d].clone().requires_grad_(True)
-            c2w = init[rows_d] @ se3_exp(d)
-            loss = self._loss_at(K[rows_d], c2w, target[rows_d], H, W, stride, factor)
-            grad, = torch.autograd.grad(loss.sum(), d)
-            finite = torch.isfinite(grad).all(1) & torch.isfinite(loss.detach())
-            grad = torch.where(finite[:, None], grad, torch.zeros_like(grad))
-            update = adam.step(delta, grad, rows_d, _lr_scale(cfg, it))
-            iters[rows] += 1
-            if not bool(finite.all()):
-                for r in rows[~finite.cpu()].tolist():
-                    status[r] = "failed"
-                    active[r] = False
-            if factor == 1 and (it + 1) % cfg.check_every == 0:
-                small = (update.abs() <= tol).all(1)
-                quiet[rows_d] = torch.where(small, quiet[rows_d] + 1, torch.zeros_like(quiet[rows_d]))
-                done = (quiet[rows_d] >= cfg.patience).cpu() & active[rows]
-                for r in rows[done].tolist():
-                    status[r] = "converged"
-                    active[r] = False
-            if progress:
-                progress(int((~active).sum()))
-
-        with torch.no_grad():
-            final = init @ se3_exp(delta)
-            final_loss = self._loss_at(K, final, target, H, W, stride)
-        keep = ~torch.isfinite(final_loss) | ~torch.isfinite(final).flatten(1).all(1)
+        final = init @ se3_exp(delta)
+        if len(phases) > 1:  # the first phase's loss judges the result, as the verification step
+            with torch.no_grad():
+                target = self.encode_queries(images, phases[0].signal, phases[0].stride)
+                final_loss = self._loss_at(K, final, target, H, W, phases[0].stride, signal=phases[0].signal)
+        keep = ~torch.isfinite(final_loss) | ~torch.isfinite(final).flatten(1).all(1) | failed.to(dev)
         if cfg.verify:
             keep |= final_loss >= initial_loss
         out = torch.where(keep[:, None, None], init, final).double().cpu().numpy()
         wall = (time.perf_counter() - t0) / B
         diags = []
         for i in range(B):
-            st = status[i]
-            if bool(keep[i]):
-                st = "failed" if st == "failed" or not math.isfinite(float(final_loss[i])) else "kept_initial"
+            st = "converged" if bool(converged[i]) else "max_iters"
+            if bool(failed[i]) or not math.isfinite(float(final_loss[i])):
+                st = "failed"
+            elif bool(keep[i]):
+                st = "kept_initial"
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
+
+    def _tolerance(self) -> torch.Tensor:
+        """[6] early-stop step sizes (rotation radians, translation in dataset units)."""
+        cfg = self.config
+        unit_to_world = 1.0 / float(self.model.normalization.scale)
+        return torch.tensor([math.radians(cfg.tol_rot_deg)] * 3 + [cfg.tol_trans * unit_to_world] * 3,
+                            device=self.device)
+
+    def _max_step(self) -> torch.Tensor:
+        """[6] trust region of a Levenberg-Marquardt step (rotation radians, dataset units)."""
+        cfg = self.config
+        unit_to_world = 1.0 / float(self.model.normalization.scale)
+        return torch.tensor([math.radians(cfg.lm_max_rot_deg)] * 3 + [cfg.lm_max_trans * unit_to_world] * 3,
+                            device=self.device)
+
+    def _run_phase(self, phase: Phase, K, init, target, H, W, delta, failed, iters, progress) -> torch.Tensor:
+        """Adam on delta [B, 6] in place for one phase; queries stop early one by one.
+
+        Marks failed [B] (non-finite loss or gradient: the query stops, its delta frozen) and
+        counts iters [B]; returns the [B] bool of queries that met the early-stop tolerance.
+        """
+        cfg, dev = self.config, self.device
+        B = delta.shape[0]
+        # Translation steps are taken in the unit cube: world = unit / scale.
+        unit_to_world = 1.0 / float(self.model.normalization.scale)
+        lrs = torch.tensor([cfg.lr_rot] * 3 + [cfg.lr_trans * unit_to_world] * 3, device=dev) * phase.lr_fraction
+        tol = self._tolerance()
+        adam = BatchedAdam(B, lrs)
+        quiet = torch.zeros(B, dtype=torch.long, device=dev)
+        active = ~failed.clone()
+        converged = torch.zeros(B, dtype=torch.bool)
+        for it in range(phase.iters):
+            rows = active.nonzero()[:, 0]
+            if rows.numel() == 0:
+                break
+            rows_d = rows.to(dev)
+            factor = cfg.coarse_factor if it < phase.coarse_iters else 1
+            d = delta[rows_d].clone().requires_grad_(True)
+            c2w = init[rows_d] @ se3_exp(d)
+            loss = self._loss_at(K[rows_d], c2w, target[rows_d], H, W, phase.stride, factor, phase.signal)
+            grad, = torch.autograd.grad(loss.sum(), d)
+            finite = torch.isfinite(grad).all(1) & torch.isfinite(loss.detach())
+            grad = torch.where(finite[:, None], grad, torch.zeros_like(grad))
+            update = adam.step(delta, grad, rows_d, _lr_scale(phase.iters, it, cfg.lr_final_fraction))
+            iters[rows] += 1
+            if not bool(finite.all()):
+                bad = rows[~finite.cpu()]
+                failed[bad] = True
+                active[bad] = False
+            if factor == 1 and (it + 1) % cfg.check_every == 0:
+                small = (update.abs() <= tol).all(1)
+                quiet[rows_d] = torch.where(small, quiet[rows_d] + 1, torch.zeros_like(quiet[rows_d]))
+                done = (quiet[rows_d] >= cfg.patience).cpu() & active[rows]
+                converged[rows[done]] = True
+                active[rows[done]] = False
+            if progress:
+                progress(int((~active).sum()))
+        return converged
+
+    def _polish_apr_result(self, images, K, result: RefineResult) -> RefineResult:
+        """Pose-target polish (no feature iterations) from the APR-refined poses; the
+        verification still compares against the APR's own prediction."""
+        from dataclasses import replace
+
+        polish = Refiner(self.model, replace(self.config, target="pose", iters=0))
+        polished = polish._refine_poses(images, K, result.poses, None)
+        diags = []
+        for d, p in zip(result.diagnostics, polished.diagnostics):
+            took = p.status in ("converged", "max_iters")  # else the polish kept the APR-refined pose
+            diags.append(QueryDiagnostics(d.initial_loss, p.final_loss if took else d.final_loss,
+                                          d.iterations + p.iterations, d.wall_time_s + p.wall_time_s,
+                                          p.status if took else d.status))
+        return RefineResult(polished.poses, result.initial, diags)
 
     def _refine_apr_one(self, image, K_np, apr) -> RefineResult:
         """NeFeS's default target: Adam on a per-query copy of the APR's weights."""
@@ -252,7 +356,7 @@ class Refiner:
         best = (float(initial_loss[0]), init)
         for it in range(cfg.iters):
             for g in opt.param_groups:
-                g["lr"] = cfg.lr_apr * _lr_scale(cfg, it)
+                g["lr"] = cfg.lr_apr * _lr_scale(cfg.iters, it, cfg.lr_final_fraction)
             factor = cfg.coarse_factor if it < cfg.coarse_iters else 1
             pose = local(x).float()
             loss = self._loss_at(K, pose, target, H, W, stride, factor)

@@ -65,7 +65,9 @@ class TrainConfig:
     positive_radius: float = 0.01  # unit cube: rendered points closer than this are the same point
     variance_weight: float = 1.0  # anti-collapse: per-dimension std hinge
     covariance_weight: float = 1.0  # anti-collapse: off-diagonal covariance
-    # Occupancy grid.
+    # Occupancy grid: all visible cells are marched until occ_start_step, so the first
+    # threshold sees learned geometry; then EMA updates every occ_update_every steps.
+    occ_start_step: int = 64
     occ_update_every: int = 16
     occ_warmup_steps: int = 256
     occ_threshold: float = 0.01

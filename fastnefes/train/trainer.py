@@ -116,9 +116,16 @@ class Trainer:
             with torch.no_grad():  # start from the images' typical border colour (white for renders of objects)
                 border = self.images.border_colour().clamp(0.02, 0.98)
                 model.background_logit.copy_(torch.logit(border))
-        first = int(self.images.hw[0, 0]), int(self.images.hw[0, 1])
-        self.model.occupancy.mark_invisible_cells(self.images.K, self.images.c2w, first[1], first[0],
-                                                  near_plane=float(model.normalization.near))
+        # The grid lives in the unit cube: cameras go there too (a uniform scale leaves K as is).
+        c2w_unit = self.images.c2w.clone()
+        c2w_unit[:, :3, 3] = model.to_unit(c2w_unit[:, :3, 3])
+        height, width = int(self.images.hw[0, 0]), int(self.images.hw[0, 1])
+        grid = self.model.occupancy
+        grid.mark_invisible_cells(self.images.K, c2w_unit, width, height,
+                                  near_plane=float(model.normalization.near * model.normalization.scale))
+        # Every visible cell starts occupied: thresholding the untrained (uniform) density would
+        # empty a random half of the grid, walls included, and unsampled cells never learn.
+        grid.binaries.copy_((grid.occs >= 0).view(grid.binaries.shape))
 
     # ---- schedule ------------------------------------------------------------------------
     def progress_fraction(self) -> float:
@@ -231,9 +238,11 @@ class Trainer:
         stage = self.stage_at(fraction)
         self.set_learning_rates(fraction)
         model.train()
-        model.occupancy.update_every_n_steps(self.state.step, model.occupancy_value, occ_thre=cfg.occ_threshold,
-                                             ema_decay=cfg.occ_ema_decay, warmup_steps=cfg.occ_warmup_steps,
-                                             n=cfg.occ_update_every)
+        if self.state.step >= cfg.occ_start_step:
+            step = self.state.step - cfg.occ_start_step
+            model.occupancy.update_every_n_steps(step, model.occupancy_value, occ_thre=cfg.occ_threshold,
+                                                 ema_decay=cfg.occ_ema_decay, warmup_steps=cfg.occ_warmup_steps,
+                                                 n=cfg.occ_update_every)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext():
             if stage == 0:
