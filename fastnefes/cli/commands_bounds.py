@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -21,7 +21,8 @@ def bounds_command(
     split: SplitOpt = "test",
     queries: Annotated[int, typer.Option("--queries", min=1, help="Test images used per perturbation magnitude.")] = 8,
     signals: Annotated[str, typer.Option("--signals", help="Comma-separated: features, rgb.")] = "features,rgb",
-    iters: Annotated[int, typer.Option("--iters", min=1)] = 50,
+    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Main-phase iterations (default: refine's).")] = None,
+    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Photometric polish iterations per level (default: refine's; 0 compares the signals alone).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
     format: FormatOpt = "auto",
@@ -47,7 +48,10 @@ def bounds_command(
     total = len(sigs) * sum(len(v) for v in sweeps.values())
     with progress_bar() as bar:
         task = bar.add_task("bounds", total=total, info=f"{min(queries, len(scene.split(split)))} queries per magnitude")
-        result = refinement_bounds(model, scene, split, RefineConfig(iters=iters), signals=sigs, sweeps=sweeps,
+        config = RefineConfig()
+        config.iters = config.iters if iters is None else iters
+        config.polish_iters = config.polish_iters if polish_iters is None else polish_iters
+        result = refinement_bounds(model, scene, split, config, signals=sigs, sweeps=sweeps,
                                    max_queries=queries, seed=seed, on_progress=lambda k: bar.update(task, completed=k))
     thr_t, thr_r = 0.05 * scale, 5.0  # success: within 5% of the scene size and 5 degrees
     result["success_threshold"] = {"trans": thr_t, "rot_deg": thr_r}

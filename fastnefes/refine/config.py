@@ -11,14 +11,14 @@ class RefineConfig:
     they mean the same thing in every scene whatever its units."""
 
     target: str = "pose"  # "pose": an SE(3) increment per query; "apr": a per-query copy of the APR's weights
-    iters: int = 50  # NeFeS50
+    iters: int = 150  # feature-phase iterations (NeFeS uses 50; more widen the basin, see the benchmark)
     loss: str = "cosine"  # "cosine" (1 - mean cosine, NeFeS) or "robust" (Cauchy on unit features)
     signal: str = "features"  # "features" (fused feature field) or "rgb" (photometric, iNeRF-style)
     lr_rot: float = 0.01  # radians per Adam step, pose target (NeFeS: about 0.01)
     lr_trans: float = 0.005  # unit-cube units per Adam step (0.005 of the scene cube: 3 cm in a 6 m room)
     lr_apr: float = 1e-4  # Adam step for the APR-weights target
     lr_final_fraction: float = 0.05  # cosine decay of the step sizes to this fraction at the last iteration
-    coarse_iters: int = 15  # first iterations at `coarse_factor` times coarser feature maps
+    coarse_iters: int = 40  # first iterations at `coarse_factor` times coarser feature maps
     coarse_factor: int = 2
     stride: int = 0  # render stride in image pixels; 0 = the encoder's stride (NeFeS: 1/8 of the image)
     tol_rot_deg: float = 0.005  # early stop when a step moves less than this ...
@@ -29,8 +29,9 @@ class RefineConfig:
     # Photometric polish: features give the wide basin but pin the pose only to a few cm (their
     # maps are 1/8 resolution and smooth); a final RGB phase at a finer stride, started from the
     # feature result, pins it to millimetres. It is undone for a query whose RGB loss it raised.
-    polish_iters: int = 10  # 0 = no polish
-    polish_stride: int = 2  # image pixels per rendered pixel in the polish phase
+    polish_iters: int = 8  # per pyramid level; 0 = no polish
+    polish_stride: int = 2  # image pixels per rendered pixel in the (last) polish phase
+    polish_levels: int = 2  # a pyramid: levels at polish_stride * 2^(levels-1), ..., * 2, * 1
     polish_method: str = "lm"  # "lm" (Levenberg-Marquardt) or "adam"
     polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))

@@ -129,7 +129,9 @@ class Refiner:
         cfg = self.config
         out = [Phase(cfg.signal, self.stride(), cfg.iters, cfg.coarse_iters, 1.0)]
         if cfg.polish_iters > 0:
-            out.append(Phase("rgb", cfg.polish_stride, cfg.polish_iters, 0, cfg.polish_lr_fraction, cfg.polish_method))
+            for level in reversed(range(max(1, cfg.polish_levels))):
+                out.append(Phase("rgb", cfg.polish_stride * 2**level, cfg.polish_iters, 0, cfg.polish_lr_fraction,
+                                 cfg.polish_method))
         return out
 
     @torch.no_grad()
