@@ -29,7 +29,7 @@ class DemoPlan:
 
 
 PLANS = {
-    "quick": DemoPlan(width=96, height=72, n_train=60, n_test=12, field_steps=600, apr_epochs=None),
+    "quick": DemoPlan(width=96, height=72, n_train=60, n_test=12, field_steps=1500, apr_epochs=None),
     "full": DemoPlan(width=160, height=120, n_train=120, n_test=30, field_steps=3000, apr_epochs=150),
 }
 

@@ -211,6 +211,23 @@ def test_update_after_warmup_samples_subset_and_keeps_occupied():
     assert updated[occupied_before & (before * 0.5 != 0.5)].all()  # all occupied cells (count <= n) are visited
 
 
+def test_update_after_warmup_is_reproducible_with_repeated_cells():
+    """Random cells repeat (uniform draws, occupied draws); the scattered EMA write must not
+    depend on which duplicate lands last, or training stops being reproducible."""
+
+    def run() -> torch.Tensor:
+        grid = OccupancyGrid(aabb=(-1, -1, -1, 1, 1, 1), resolution=16, levels=1)
+        grid.update(0, lambda x: (x[:, 0] < 0.0).float())
+        torch.manual_seed(3)
+        for step in range(100, 104):
+            grid.update(step, lambda x: torch.sin(40 * x).sum(-1).abs(), ema_decay=0.9, warmup_steps=10)
+        cells = grid._uniform_and_occupied_cells(grid.cells_per_lvl // 4)[0]
+        assert cells.numel() == torch.unique(cells).numel()
+        return grid.occs.clone()
+
+    assert torch.equal(run(), run())
+
+
 def test_update_every_n_steps_and_training_mode():
     grid = OccupancyGrid(resolution=4)
     calls = []

@@ -116,7 +116,9 @@ class OccupancyGrid(nn.Module):
             occupied = torch.nonzero(self.binaries[lvl].flatten())[:, 0]
             if n < occupied.numel():
                 occupied = occupied[torch.randint(occupied.numel(), (n,), device=self.occs.device)]
-            out.append(torch.cat([uniform, occupied]))
+            # Unique: with a repeated cell the scattered EMA write below would keep whichever
+            # duplicate the threads write last, and training would stop being reproducible.
+            out.append(torch.unique(torch.cat([uniform, occupied])))
         return out
 
     @torch.no_grad()
