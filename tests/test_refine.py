@@ -160,6 +160,14 @@ def test_per_ray_jacobian_matches_the_pose_gradient(tiny_run, tiny_scene):
     # J^T w, summed over rays and channels, is the gradient of sum(w * rgb) with one shared pose.
     assert torch.allclose(torch.einsum("bnci,bnc->bi", J, weights), grad, rtol=1e-3, atol=1e-4)
     assert [p.requires_grad for p in model.parameters()] == flags  # frozen() restores the flags
+    # The luma path (one backward pass) is the same Jacobian mixed down to one channel.
+    from fastnefes.refine.gauss_newton import LUMA
+
+    with frozen(model):
+        luma, J_luma = photometric_jacobian(model, K, init, delta, pixels, mix=torch.tensor([LUMA]))
+    mix = torch.tensor(LUMA)
+    assert torch.allclose(luma[..., 0], rgb @ mix, atol=1e-6)
+    assert torch.allclose(J_luma[..., 0, :], torch.einsum("bnci,c->bni", J, mix), rtol=1e-4, atol=1e-6)
 
 
 def test_polish_never_raises_the_photometric_loss(tiny_run, tiny_scene):

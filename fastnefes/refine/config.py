@@ -34,6 +34,7 @@ class RefineConfig:
     polish_levels: int = 2  # a pyramid: levels at polish_stride * 2^(levels-1), ..., * 2, * 1
     polish_method: str = "lm"  # "lm" (Levenberg-Marquardt) or "adam"
     polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
+    polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
     lm_max_rot_deg: float = 1.0  # trust region: a polish step turns at most this much ...
     lm_max_trans: float = 0.01  # ... and moves at most this far (unit cube)

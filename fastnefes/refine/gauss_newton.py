@@ -19,8 +19,12 @@ import torch
 from fastnefes.geometry import generate_rays, pixel_grid, se3_exp
 
 
+LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights: one backward pass instead of three
+
+
 def photometric_jacobian(model, K: torch.Tensor, init: torch.Tensor, delta: torch.Tensor, pixels: torch.Tensor,
-                         with_jacobian: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                         with_jacobian: bool = True, mix: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rendered colours and their pose Jacobian at poses init @ exp(delta).
 
     Args:
@@ -28,8 +32,10 @@ def photometric_jacobian(model, K: torch.Tensor, init: torch.Tensor, delta: torc
         K: [B, 3, 3] intrinsics; init: [B, 4, 4] camera-to-world; delta: [B, 6] se(3) increments.
         pixels: [N, 2] image coordinates of the rays.
         with_jacobian: False renders colours only (no graph is kept).
+        mix: optional [C, 3] channel mix applied to the colours (e.g. [LUMA]: one channel, so
+            one backward pass); None keeps RGB (C = 3).
     Returns:
-        rgb [B, N, 3] and J [B, N, 3, 6] (d rgb / d delta), or None without the Jacobian.
+        colours [B, N, C] and J [B, N, C, 6] (d colours / d delta), or None without the Jacobian.
     """
     from fastnefes.render import render_rays
 
@@ -40,19 +46,23 @@ def photometric_jacobian(model, K: torch.Tensor, init: torch.Tensor, delta: torc
         origins, dirs, _ = generate_rays(K[:, None].expand(B, N, 3, 3), c2w, pixels.expand(B, N, 2))
         rgb = render_rays(model, origins.reshape(-1, 3), dirs.reshape(-1, 3), with_features=False)["rgb"]
         rgb = rgb.reshape(B, N, 3)
+        if mix is not None:
+            rgb = rgb @ mix.t()
         if not with_jacobian:
             return rgb, None
-        rows = [torch.autograd.grad(rgb[..., c].sum(), d, retain_graph=c < 2)[0] for c in range(3)]
+        C = rgb.shape[-1]
+        rows = [torch.autograd.grad(rgb[..., c].sum(), d, retain_graph=c < C - 1)[0] for c in range(C)]
     return rgb.detach(), torch.stack(rows, 2)
 
 
 def levenberg_marquardt_phase(model, K: torch.Tensor, init: torch.Tensor, target: torch.Tensor, height: int,
                               width: int, stride: int, iters: int, delta: torch.Tensor, failed: torch.Tensor,
                               counts: torch.Tensor, tol: torch.Tensor, max_step: torch.Tensor, damping: float = 1e-2,
-                              progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                              luma: bool = False, progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Minimise the mean squared RGB error over delta [B, 6] in place, per query.
 
     target: [B, 3, height // stride, width // stride] query colours (area-downsampled).
+    luma: fit the luma of the colours only (one backward pass per iteration instead of three).
     A step is kept only when it lowers the query's loss (then the damping shrinks); a rejected
     step grows the damping and is retried from the last kept pose, so delta only ever improves.
     Marks failed [B] on a non-finite loss, counts renders in counts [B], and returns the [B]
@@ -62,7 +72,10 @@ def levenberg_marquardt_phase(model, K: torch.Tensor, init: torch.Tensor, target
     """
     B, dev = delta.shape[0], delta.device
     pixels = pixel_grid(height, width, stride, device=dev).reshape(-1, 2)
+    mix = torch.tensor([LUMA], device=dev) if luma else None
     colours = target.permute(0, 2, 3, 1).reshape(B, -1, 3)
+    if mix is not None:
+        colours = colours @ mix.t()
     best = torch.full((B,), math.inf, device=dev)
     lam = torch.full((B,), damping, device=dev)
     JtJ = torch.zeros(B, 6, 6, device=dev)
@@ -76,7 +89,7 @@ def levenberg_marquardt_phase(model, K: torch.Tensor, init: torch.Tensor, target
         if rows.numel() == 0:
             break
         rows_d = rows.to(dev)
-        rgb, J = photometric_jacobian(model, K[rows_d], init[rows_d], candidate[rows_d], pixels)
+        rgb, J = photometric_jacobian(model, K[rows_d], init[rows_d], candidate[rows_d], pixels, mix=mix)
         residual = rgb - colours[rows_d]
         loss = residual.pow(2).mean((1, 2))
         counts[rows] += 1

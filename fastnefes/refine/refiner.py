@@ -233,7 +233,7 @@ class Refiner:
             if phase.method == "lm":
                 converged = levenberg_marquardt_phase(self.model, K, init, target, H, W, phase.stride, phase.iters,
                                                       delta, failed, iters, self._tolerance(), self._max_step(),
-                                                      cfg.lm_damping, report)
+                                                      cfg.lm_damping, cfg.polish_luma, report)
             else:
                 converged = self._run_phase(phase, K, init, target, H, W, delta, failed, iters, report)
             with torch.no_grad():
