@@ -25,6 +25,20 @@ def tiny_train_config(steps: int = 400):
     return TrainConfig(model=model, steps=steps, batch_rays=1024, val_every=10**9, checkpoint_every=10**9)
 
 
+def small_train_config(batch_samples: int = 4000, **kw):
+    """A CPU-second config for the trainer and run tests: a small grid and narrow feature nets."""
+    from fastnefes.train.config import TrainConfig
+
+    cfg = TrainConfig(batch_samples=batch_samples, val_every=0, log_every=1, **kw)
+    cfg.model.grid = {"n_levels": 6, "n_features_per_level": 2, "log2_hashmap_size": 14, "base_resolution": 16,
+                      "per_level_scale": 1.5}
+    cfg.model.occ_resolution = 32
+    cfg.model.encoder_stride, cfg.model.encoder_width, cfg.model.feature_dim = 4, 8, 8
+    cfg.model.fusion_width = 8
+    cfg.patch_size = 4
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_scene, tmp_path_factory):
     """(run_dir, model) of a field trained on tiny_scene."""

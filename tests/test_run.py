@@ -13,20 +13,12 @@ import fastnefes
 from fastnefes.data.synth import make_synthetic_scene
 from fastnefes.errors import FastnefesError
 from fastnefes.render import render_image
+from conftest import small_train_config
 from fastnefes.train import TrainConfig, load_run, train
 from fastnefes.train.run import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_checkpoint
 
-TINY_GRID = {"n_levels": 6, "n_features_per_level": 2, "log2_hashmap_size": 14, "base_resolution": 16, "per_level_scale": 1.5}
-
-
 def tiny_config(**kw) -> TrainConfig:
-    cfg = TrainConfig(batch_samples=3000, val_every=0, log_every=1, **kw)
-    cfg.model.grid = dict(TINY_GRID)
-    cfg.model.occ_resolution = 32
-    cfg.model.encoder_stride, cfg.model.encoder_width, cfg.model.feature_dim = 4, 8, 8
-    cfg.model.fusion_width = 8
-    cfg.patch_size = 4
-    return cfg
+    return small_train_config(3000, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,15 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from fastnefes.data.synth import make_synthetic_scene
+from conftest import small_train_config
 from fastnefes.train import TrainConfig, TrainingDiverged, train
 from fastnefes.train import losses
 from fastnefes.train.losses import contrastive_loss, photometric_loss, psnr, ssim, variance_covariance_loss
 from fastnefes.train.sampler import ImageSet, RaySampler, backproject, reproject
 from fastnefes.train.trainer import Trainer
 
-TINY_GRID = {"n_levels": 6, "n_features_per_level": 2, "log2_hashmap_size": 14, "base_resolution": 16, "per_level_scale": 1.5}
-
-
 def tiny_config(**kw) -> TrainConfig:
-    cfg = TrainConfig(batch_samples=4000, val_every=0, log_every=1, **kw)
-    cfg.model.grid = dict(TINY_GRID)
-    cfg.model.occ_resolution = 32
-    cfg.model.encoder_stride, cfg.model.encoder_width, cfg.model.feature_dim = 4, 8, 8
-    cfg.model.fusion_width = 8
-    cfg.patch_size = 4
-    return cfg
+    return small_train_config(4000, **kw)
 
 
 @pytest.fixture(scope="module")

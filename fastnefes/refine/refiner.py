@@ -223,32 +223,32 @@ class Refiner:
         failed = torch.zeros(B, dtype=torch.bool)
         converged = torch.zeros(B, dtype=torch.bool)
         iters = torch.zeros(B, dtype=torch.long)
-        initial_loss = final_loss = None
+        first = self.encode_queries(images, phases[0].signal, phases[0].stride)  # judges the result
+        with torch.no_grad():
+            initial_loss = self._loss_at(K, init, first, H, W, phases[0].stride, signal=phases[0].signal)
         for n, phase in enumerate(phases):
-            target = self.encode_queries(images, phase.signal, phase.stride)
-            with torch.no_grad():
-                before = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
-            start = delta.clone()
+            target = first if n == 0 else self.encode_queries(images, phase.signal, phase.stride)
             report = progress if n == len(phases) - 1 else None
-            if phase.method == "lm":
+            if phase.method == "lm":  # keeps only steps that lower its loss: nothing to undo
                 converged = levenberg_marquardt_phase(self.model, K, init, target, H, W, phase.stride, phase.iters,
                                                       delta, failed, iters, self._tolerance(), self._max_step(),
                                                       cfg.lm_damping, cfg.polish_luma, report)
-            else:
-                converged = self._run_phase(phase, K, init, target, H, W, delta, failed, iters, report)
-            with torch.no_grad():
-                after = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
-            if n == 0:
-                initial_loss, final_loss = before, after
-            else:  # a later phase is undone for a query whose loss it did not lower
+                continue
+            guard = n > 0  # a later Adam phase is undone for a query whose loss it did not lower
+            if guard:
+                start = delta.clone()
+                with torch.no_grad():
+                    before = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
+            converged = self._run_phase(phase, K, init, target, H, W, delta, failed, iters, report)
+            if guard:
+                with torch.no_grad():
+                    after = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
                 undo = ~(after < before) & ~failed.to(dev)
                 delta[undo] = start[undo]
 
         final = init @ se3_exp(delta)
-        if len(phases) > 1:  # the first phase's loss judges the result, as the verification step
-            with torch.no_grad():
-                target = self.encode_queries(images, phases[0].signal, phases[0].stride)
-                final_loss = self._loss_at(K, final, target, H, W, phases[0].stride, signal=phases[0].signal)
+        with torch.no_grad():  # the first phase's loss judges the result, as the verification step
+            final_loss = self._loss_at(K, final, first, H, W, phases[0].stride, signal=phases[0].signal)
         keep = ~torch.isfinite(final_loss) | ~torch.isfinite(final).flatten(1).all(1) | failed.to(dev)
         if cfg.verify:
             keep |= final_loss >= initial_loss
@@ -264,19 +264,19 @@ class Refiner:
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
 
+    def _per_axis(self, rot_rad: float, trans_unit: float) -> torch.Tensor:
+        """[6] per-coordinate sizes of an se(3) increment: rotation in radians, translation
+        given in the unit cube and returned in dataset units (world = unit / scale)."""
+        trans = trans_unit / float(self.model.normalization.scale)
+        return torch.tensor([rot_rad] * 3 + [trans] * 3, device=self.device)
+
     def _tolerance(self) -> torch.Tensor:
-        """[6] early-stop step sizes (rotation radians, translation in dataset units)."""
-        cfg = self.config
-        unit_to_world = 1.0 / float(self.model.normalization.scale)
-        return torch.tensor([math.radians(cfg.tol_rot_deg)] * 3 + [cfg.tol_trans * unit_to_world] * 3,
-                            device=self.device)
+        """[6] early-stop step sizes."""
+        return self._per_axis(math.radians(self.config.tol_rot_deg), self.config.tol_trans)
 
     def _max_step(self) -> torch.Tensor:
-        """[6] trust region of a Levenberg-Marquardt step (rotation radians, dataset units)."""
-        cfg = self.config
-        unit_to_world = 1.0 / float(self.model.normalization.scale)
-        return torch.tensor([math.radians(cfg.lm_max_rot_deg)] * 3 + [cfg.lm_max_trans * unit_to_world] * 3,
-                            device=self.device)
+        """[6] trust region of a Levenberg-Marquardt step."""
+        return self._per_axis(math.radians(self.config.lm_max_rot_deg), self.config.lm_max_trans)
 
     def _run_phase(self, phase: Phase, K, init, target, H, W, delta, failed, iters, progress) -> torch.Tensor:
         """Adam on delta [B, 6] in place for one phase; queries stop early one by one.
@@ -286,9 +286,7 @@ class Refiner:
         """
         cfg, dev = self.config, self.device
         B = delta.shape[0]
-        # Translation steps are taken in the unit cube: world = unit / scale.
-        unit_to_world = 1.0 / float(self.model.normalization.scale)
-        lrs = torch.tensor([cfg.lr_rot] * 3 + [cfg.lr_trans * unit_to_world] * 3, device=dev) * phase.lr_fraction
+        lrs = self._per_axis(cfg.lr_rot, cfg.lr_trans) * phase.lr_fraction
         tol = self._tolerance()
         adam = BatchedAdam(B, lrs)
         quiet = torch.zeros(B, dtype=torch.long, device=dev)
