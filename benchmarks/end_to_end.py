@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from fastnefes.ops._allocator import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()
 
     from fastnefes.data import load_scene
     from fastnefes.geometry import pixel_grid

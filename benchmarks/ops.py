@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastnefes.io import write_json  # noqa: E402
+from fastnefes.ops._allocator import keep_freed_memory_in_heap  # noqa: E402
 from fastnefes.ops._backend import load_native, native_status  # noqa: E402
 from fastnefes.ops._native import composite_native, hash_grid_encode_native  # noqa: E402
 from fastnefes.ops.composite._torch_impl import composite_torch  # noqa: E402
@@ -207,7 +208,10 @@ def main() -> None:
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="cpu: process CPU time (CPU only)")
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 32, 128], help="feature widths D")
     parser.add_argument("--json", type=Path, default=None, help="write the rows and the machine here")
+    parser.add_argument("--allocator", choices=("heap", "system"), default="heap",
+                        help="heap: keep freed memory mapped (as the CLI does); system: glibc's defaults")
     args = parser.parse_args()
+    kept = args.allocator == "heap" and keep_freed_memory_in_heap()
     if args.threads:
         torch.set_num_threads(args.threads)
     global clock
@@ -231,6 +235,7 @@ def main() -> None:
             rows += bench_hashgrid(device, args.repeats)
     info = machine()
     info["clock"] = args.clock
+    info["allocator"] = "heap (freed memory kept mapped)" if kept else "glibc defaults"
     print_table(rows, f"native vs torch, median {args.clock} ms of {args.repeats} ({info['cpu']}, {info['torch_threads']} threads"
                       + (f", {info['cuda_device']}" if "cuda_device" in info else "") + ")")
     if args.json:

@@ -20,7 +20,9 @@ def main() -> None:
     import click
 
     from fastnefes.errors import FastnefesError
+    from fastnefes.ops._allocator import keep_freed_memory_in_heap
 
+    keep_freed_memory_in_heap()  # per-step gradient buffers stay mapped (see ops/_allocator.py)
     try:
         app(standalone_mode=False)
     except FastnefesError as exc:
