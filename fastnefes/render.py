@@ -1,5 +1,7 @@
 """Rendering: rays -> occupancy-grid samples -> field -> composited RGB / features / depth.
 
+(`--arch mlp` replaces the occupancy-grid march with NeRF's coarse-to-fine sampler.)
+
 `render_rays` works on world rays (dataset frame and units); the model maps them into its unit
 cube. `render_image` renders whole (optionally strided) images from batched intrinsics and poses
 and is differentiable w.r.t. the poses: sample distances along a ray come from the (non
@@ -16,6 +18,9 @@ from torch import Tensor
 from fastnefes.field.model import FeatureFieldModel
 from fastnefes.geometry import generate_rays, pixel_grid
 from fastnefes.ops.composite import composite
+from fastnefes.timing import section
+from fastnefes.ops.hierarchical import (dense_weights, merge_edges, ray_range_in_unit_cube, sample_pdf,
+                                        stratified_edges)
 
 
 def _sample(model: FeatureFieldModel, origins: Tensor, dirs: Tensor, stratified: bool, near: float
@@ -38,6 +43,33 @@ def _sample(model: FeatureFieldModel, origins: Tensor, dirs: Tensor, stratified:
     return (*samples, candidates[0])
 
 
+def _sample_hierarchical(model: FeatureFieldModel, origins: Tensor, dirs: Tensor, stratified: bool, near: float,
+                         with_coarse_rgb: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """`--arch mlp`: NeRF's coarse pass over stratified bins, then importance samples from its
+    weights. Returns the fine pass's packed samples (ray_indices, t_starts, t_ends) and, when
+    asked (training), the coarse network's composited RGB [R,3] for its own photometric loss."""
+    cfg = model.config
+    o, d = origins.detach(), dirs.detach()
+    t_near, t_far = ray_range_in_unit_cube(o, d, near)
+    edges = stratified_edges(t_near, t_far, cfg.coarse_samples, stratified)
+    R, K = edges.shape[0], cfg.coarse_samples
+    x = o[:, None] + d[:, None] * ((edges[:, 1:] + edges[:, :-1]) * 0.5)[..., None]
+    coarse_rgb = None
+    with torch.set_grad_enabled(with_coarse_rgb and torch.is_grad_enabled()):
+        geo = model.coarse["geometry"](x.reshape(-1, 3))
+        weights = dense_weights(geo.density.view(R, K), edges)
+        if with_coarse_rgb:
+            per_sample_ray = torch.arange(R, device=o.device).repeat_interleave(K)
+            rgb = model.coarse["color"](geo.geo_features, d, per_sample_ray).view(R, K, 3)
+            coarse_rgb = (weights[..., None] * rgb).sum(1) + (1.0 - weights.sum(1))[:, None] * model.background()
+    with torch.no_grad():
+        fine_t = sample_pdf(edges, weights, cfg.fine_samples, stratified)
+        fine_edges = merge_edges(edges, fine_t)
+    n = fine_edges.shape[1] - 1
+    ray_idx = torch.arange(R, device=o.device).repeat_interleave(n)
+    return ray_idx, fine_edges[:, :-1].reshape(-1), fine_edges[:, 1:].reshape(-1), coarse_rgb
+
+
 def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, image_ids: Optional[Tensor] = None,
                 act_histograms: Optional[Tensor] = None, with_features: bool = True, training: bool = False,
                 near: Optional[float] = None) -> dict[str, Tensor]:
@@ -56,28 +88,38 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
         'features' [R,D] (if with_features); 'depth' [R] expected ray distance of the surface
         (dataset units, given a hit; 0 where opacity is 0); 'opacity' [R]; with image_ids also
         'beta' [R] (>= beta_min) and 'transient_density' [] (mean over samples);
-        'n_samples' [] long; 'n_candidates' [] long (samples the culling pre-pass evaluated).
+        'n_samples' [] long; 'n_candidates' [] long (samples the culling pre-pass evaluated);
+        with `--arch mlp` and training, 'rgb_coarse' [R,3] (the coarse network's static colour).
     """
     n_rays = rays_o.shape[0]
     scale = model.norm_scale
     origins = model.to_unit(rays_o)
     near = model.normalization.near if near is None else near
-    ray_idx, t0, t1, n_candidates = _sample(model, origins, rays_d, training, near * float(model.normalization.scale))
-    t_mid = ((t0 + t1) * 0.5)[:, None]
-    x = origins[ray_idx] + rays_d[ray_idx] * t_mid
-    geo = model.geometry(x)
-    rgb = model.color(geo.geo_features, rays_d, ray_idx)
-    feats = None
-    # The detaches below keep feature losses from shaping the geometry while training (NeFeS).
-    # Outside training they must not apply: pose refinement needs the features' full gradient
-    # with respect to the sample positions, through the encoding and the weights alike.
-    if with_features:
-        enc, gf = geo.encoding, geo.geo_features
-        if model.training and not model.config.feature_grad_to_geometry:
-            enc, gf = enc.detach(), gf.detach()
-        feats = model.feature(enc, gf)
-    static = composite(geo.density, rgb, feats, t0, t1, ray_idx, n_rays,
-                       detach_feature_weights=model.training and model.config.detach_feature_weights)
+    near_unit = near * float(model.normalization.scale)
+    coarse_rgb = None
+    with section("sampling"):
+        if model.config.arch == "mlp":
+            ray_idx, t0, t1, coarse_rgb = _sample_hierarchical(model, origins, rays_d, training, near_unit, training)
+            n_candidates = n_rays * model.config.coarse_samples  # the coarse network's samples
+        else:
+            ray_idx, t0, t1, n_candidates = _sample(model, origins, rays_d, training, near_unit)
+    with section("field_forward"):
+        t_mid = ((t0 + t1) * 0.5)[:, None]
+        x = origins[ray_idx] + rays_d[ray_idx] * t_mid
+        geo = model.geometry(x)
+        rgb = model.color(geo.geo_features, rays_d, ray_idx)
+        feats = None
+        # The detaches below keep feature losses from shaping the geometry while training (NeFeS).
+        # Outside training they must not apply: pose refinement needs the features' full gradient
+        # with respect to the sample positions, through the encoding and the weights alike.
+        if with_features:
+            enc, gf = geo.encoding, geo.geo_features
+            if model.training and not model.config.feature_grad_to_geometry:
+                enc, gf = enc.detach(), gf.detach()
+            feats = model.feature(enc, gf)
+    with section("compositing"):
+        static = composite(geo.density, rgb, feats, t0, t1, ray_idx, n_rays,
+                           detach_feature_weights=model.training and model.config.detach_feature_weights)
     bg = model.background()
     out: dict[str, Tensor] = {
         "rgb": static.rgb + (1.0 - static.opacity)[:, None] * bg,
@@ -88,6 +130,8 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
     }
     if feats is not None:
         out["features"] = static.features
+    if coarse_rgb is not None:
+        out["rgb_coarse"] = coarse_rgb
     rgb_train = out["rgb"]
     if image_ids is not None and model.transient is not None:
         tr = model.transient(geo.encoding, image_ids[ray_idx])
@@ -124,8 +168,9 @@ def render_pixels(model: FeatureFieldModel, K: Tensor, c2w: Tensor, pixels: Tens
     K = K.to(device=device, dtype=torch.float32)
     c2w = c2w.to(device=device, dtype=torch.float32)
     B, h, w = pixels.shape[:3]
-    origins, dirs, z_per_t = generate_rays(K, c2w, pixels.to(device=device, dtype=torch.float32))
-    origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+    with section("ray_generation"):
+        origins, dirs, z_per_t = generate_rays(K, c2w, pixels.to(device=device, dtype=torch.float32))
+        origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
     parts: dict[str, list[Tensor]] = {}
     for lo in range(0, origins.shape[0], chunk):
         out = render_rays(model, origins[lo:lo + chunk], dirs[lo:lo + chunk], training=model.training)
@@ -135,7 +180,8 @@ def render_pixels(model: FeatureFieldModel, K: Tensor, c2w: Tensor, pixels: Tens
     result["depth"] = result["depth"][..., 0] * z_per_t
     result["opacity"] = result["opacity"][..., 0]
     if fused:
-        fused_map = model.fusion(result["rgb"].permute(0, 3, 1, 2), result["features"].permute(0, 3, 1, 2))
+        with section("field_forward"):  # the Feature Fusion module: part of the field
+            fused_map = model.fusion(result["rgb"].permute(0, 3, 1, 2), result["features"].permute(0, 3, 1, 2))
         result["fused"] = fused_map.permute(0, 2, 3, 1)
     if act_histograms is not None and model.act is not None:
         Kc, b = model.act.transform(act_histograms.to(device))

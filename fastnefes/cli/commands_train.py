@@ -52,6 +52,7 @@ def train_field_command(
     feature_dim: Annotated[Optional[int], typer.Option("--feature-dim", min=1, help="Feature dimension (distill: must match the extractor).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out with its saved config.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    arch: Annotated[str, typer.Option("--arch", help="hash (fastnefes) or mlp (NeFeS's original sampler: the baseline).")] = "hash",
 ) -> None:
     """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
     from fastnefes.train import STAGES, TrainConfig, train
@@ -64,7 +65,7 @@ def train_field_command(
     scene = load_scene_from_options(data, format, downscale, max_side, focal)
     if not scene.split("train"):
         raise FastnefesError(f"{data}: no training images (the train split is empty)")
-    config = TrainConfig(seed=seed, device=str(torch_device))
+    config = TrainConfig.for_arch(arch, seed=seed, device=str(torch_device))
     if steps is not None:
         config.steps = steps
     config.minutes = minutes

@@ -62,6 +62,11 @@ class GeometryField(nn.Module):
         # Starts the field nearly empty but not dead (instant-ngp / nerfacc choice).
         self.density_bias = density_bias
 
+    @property
+    def n_output_dims(self) -> int:
+        """Width of the 'encoding' the feature and transient heads read."""
+        return self.encoding.n_output_dims
+
     def forward(self, x: Tensor) -> GeometryOutput:
         enc = self.encoding(x)
         h = self.mlp(enc)

@@ -22,10 +22,12 @@ from fastnefes.field.encoder import DistillEncoder, SSLEncoder
 from fastnefes.field.fusion import FeatureFusion
 from fastnefes.field.geometry import GeometryField
 from fastnefes.field.heads import ColorHead, FeatureHead, TransientHead
+from fastnefes.field.nerf_mlp import NeRFGeometryField
 from fastnefes.ops.hashgrid import HashGridConfig
 from fastnefes.ops.occgrid import OccupancyGrid
 
 ENCODER_MODES = ("ssl", "distill")
+ARCHS = ("hash", "mlp")
 BACKGROUNDS = ("learned", "white", "black")
 
 
@@ -39,7 +41,17 @@ def _default_grid() -> dict[str, Any]:
 class ModelConfig:
     """Architecture and rendering settings of a feature field (plain data, JSON-serialisable)."""
 
-    grid: dict[str, Any] = field(default_factory=_default_grid)  # HashGridConfig fields
+    # "hash": hash grid + small MLP, occupancy-grid marching (fastnefes). "mlp": NeFeS's original
+    # sampler, the baseline of `fastnefes bench`: frequency encoding, coarse + fine 8x128 MLPs,
+    # coarse_samples stratified + fine_samples importance samples per ray, no occupancy grid.
+    arch: str = "hash"
+    grid: dict[str, Any] = field(default_factory=_default_grid)  # HashGridConfig fields (arch hash)
+    mlp_freqs: int = 10
+    mlp_width: int = 128
+    mlp_depth: int = 8
+    mlp_skip: int = 4
+    coarse_samples: int = 64
+    fine_samples: int = 64
     geo_hidden: int = 64
     geo_layers: int = 1
     geo_feat_dim: int = 15
@@ -80,6 +92,8 @@ class ModelConfig:
     n_images: int = 1  # training images (transient embeddings)
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise FastnefesError(f"model config: arch={self.arch!r}, expected one of {ARCHS}")
         if self.encoder not in ENCODER_MODES:
             raise FastnefesError(f"model config: encoder={self.encoder!r}, expected one of {ENCODER_MODES}")
         if self.background not in BACKGROUNDS:
@@ -114,12 +128,17 @@ class FeatureFieldModel(nn.Module):
     def __init__(self, config: ModelConfig, normalization, extractor: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.config = config
-        grid = HashGridConfig.from_dict(config.grid)
-        self.geometry = GeometryField(grid, config.geo_hidden, config.geo_layers, config.geo_feat_dim, config.density_bias)
+        self.geometry = self._geometry_field(config)
         self.color = ColorHead(config.geo_feat_dim, config.color_hidden, config.color_layers, config.sh_degree)
-        self.feature = FeatureHead(grid.n_output_dims, config.geo_feat_dim, config.feature_dim,
+        # NeRF's coarse network: its own geometry and colour, trained on RGB, guides the fine samples.
+        self.coarse = (nn.ModuleDict({"geometry": self._geometry_field(config),
+                                      "color": ColorHead(config.geo_feat_dim, config.color_hidden, config.color_layers,
+                                                         config.sh_degree)})
+                       if config.arch == "mlp" else None)
+        enc_dims = self.geometry.n_output_dims
+        self.feature = FeatureHead(enc_dims, config.geo_feat_dim, config.feature_dim,
                                    config.feature_hidden, config.feature_layers)
-        self.transient = (TransientHead(grid.n_output_dims, config.n_images, config.transient_embed_dim,
+        self.transient = (TransientHead(enc_dims, config.n_images, config.transient_embed_dim,
                                         config.transient_hidden, config.transient_layers) if config.transient else None)
         self.act = ExposureACT(config.act_bins) if config.act else None
         self.fusion = FeatureFusion(config.feature_dim, config.fusion_width, config.fusion_layers)
@@ -138,6 +157,14 @@ class FeatureFieldModel(nn.Module):
         # The normalisation as buffers, so it follows .to(device) and lands in the state dict.
         self.register_buffer("norm_center", torch.as_tensor(normalization.center, dtype=torch.float32).reshape(3))
         self.register_buffer("norm_scale", torch.as_tensor(float(normalization.scale), dtype=torch.float32))
+
+    @staticmethod
+    def _geometry_field(config: ModelConfig) -> nn.Module:
+        if config.arch == "mlp":
+            return NeRFGeometryField(config.mlp_freqs, config.mlp_width, config.mlp_depth, config.mlp_skip,
+                                     config.geo_feat_dim, config.density_bias)
+        return GeometryField(HashGridConfig.from_dict(config.grid), config.geo_hidden, config.geo_layers,
+                             config.geo_feat_dim, config.density_bias)
 
     # ---- properties the refiner and the trainer use ------------------------------------
     @property

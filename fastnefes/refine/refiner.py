@@ -24,6 +24,7 @@ from fastnefes.geometry import se3_exp
 from fastnefes.refine.config import RefineConfig
 from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
+from fastnefes.timing import section
 
 STATUS = ("converged", "max_iters", "kept_initial", "failed")
 
@@ -121,6 +122,10 @@ class Refiner:
         self.config = config or RefineConfig()
         self.device = next(model.parameters()).device
 
+    def frozen_model(self):
+        """Context: the model's weights do not require gradients (pose gradients only)."""
+        return frozen(self.model)
+
     # -- query side -------------------------------------------------------------------------
     def stride(self) -> int:
         return self.config.stride or int(self.model.feature_stride)
@@ -144,7 +149,8 @@ class Refiner:
         h, w = x.shape[-2] // s, x.shape[-1] // s
         if signal == "rgb":
             return F.interpolate(x, size=(h, w), mode="area")
-        feats = self.model.encode_images(x)
+        with section("encoder"):
+            feats = self.model.encode_images(x)
         if feats.shape[-2:] != (h, w):
             feats = F.interpolate(feats, size=(h, w), mode="bilinear", align_corners=False)
         return feats
@@ -162,9 +168,10 @@ class Refiner:
 
     def loss(self, rendered: torch.Tensor, target: torch.Tensor, signal: Optional[str] = None) -> torch.Tensor:
         """[B] losses between rendered and query maps [B, C, h, w]."""
-        if (signal or self.config.signal) == "rgb":
-            return photometric_loss(rendered, target)
-        return feature_metric_loss(rendered, target, self.config.loss)
+        with section("loss"):
+            if (signal or self.config.signal) == "rgb":
+                return photometric_loss(rendered, target)
+            return feature_metric_loss(rendered, target, self.config.loss)
 
     def _loss_at(self, K, c2w, target, height, width, stride, factor: int = 1, signal: Optional[str] = None) -> torch.Tensor:
         if factor > 1:
@@ -191,7 +198,7 @@ class Refiner:
             apr: the APR module, for target "apr".
             progress: called with the number of queries finished.
         """
-        with frozen(self.model):
+        with self.frozen_model():
             return self._refine(images, K, init_c2w, apr, progress)
 
     def _refine(self, images, K, init_c2w, apr, progress) -> RefineResult:
@@ -301,10 +308,12 @@ class Refiner:
             d = delta[rows_d].clone().requires_grad_(True)
             c2w = init[rows_d] @ se3_exp(d)
             loss = self._loss_at(K[rows_d], c2w, target[rows_d], H, W, phase.stride, factor, phase.signal)
-            grad, = torch.autograd.grad(loss.sum(), d)
-            finite = torch.isfinite(grad).all(1) & torch.isfinite(loss.detach())
-            grad = torch.where(finite[:, None], grad, torch.zeros_like(grad))
-            update = adam.step(delta, grad, rows_d, _lr_scale(phase.iters, it, cfg.lr_final_fraction))
+            with section("backward"):
+                grad, = torch.autograd.grad(loss.sum(), d)
+            with section("optimizer_step"):
+                finite = torch.isfinite(grad).all(1) & torch.isfinite(loss.detach())
+                grad = torch.where(finite[:, None], grad, torch.zeros_like(grad))
+                update = adam.step(delta, grad, rows_d, _lr_scale(phase.iters, it, cfg.lr_final_fraction))
             iters[rows] += 1
             if not bool(finite.all()):
                 bad = rows[~finite.cpu()]

@@ -14,6 +14,13 @@ from fastnefes.field.model import ModelConfig
 
 STAGES = ("photometric", "features", "fusion")
 
+# What `--arch` changes besides ModelConfig.arch. The mlp baseline trains as NeFeS's code does:
+# Adam 5e-4 on the MLPs, a fixed 1024 rays a step (every ray costs the same 64 + 64 samples).
+ARCH_PRESETS: dict[str, dict[str, Any]] = {
+    "hash": {},
+    "mlp": {"lr_mlp": 5e-4, "batch_rays": 1024, "batch_samples": 0},
+}
+
 
 @dataclass
 class TrainConfig:
@@ -89,6 +96,15 @@ class TrainConfig:
             raise FastnefesError(f"train config: steps={self.steps!r}, expected a positive integer")
         if self.minutes is not None and not self.minutes > 0:
             raise FastnefesError(f"train config: minutes={self.minutes!r}, expected a positive number")
+
+    @classmethod
+    def for_arch(cls, arch: str, **overrides: Any) -> "TrainConfig":
+        """Defaults for `arch` ("hash" | "mlp", see ARCH_PRESETS), then `overrides`."""
+        if arch not in ARCH_PRESETS:
+            raise FastnefesError(f"--arch {arch!r}: expected one of {tuple(ARCH_PRESETS)}")
+        cfg = cls(**{**ARCH_PRESETS[arch], **overrides})
+        cfg.model.arch = arch
+        return cfg
 
     def stage_steps(self) -> list[int]:
         """Steps per stage for a step budget (rounded so they sum to `steps`)."""

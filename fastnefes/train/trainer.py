@@ -48,9 +48,12 @@ GROUPS = (("grid", 0, "lr_grid"), ("mlp", 0, "lr_mlp"), ("act", 0, "lr_act"), ("
 
 
 def parameter_groups(model: FeatureFieldModel) -> dict[str, list[torch.nn.Parameter]]:
+    hashed = model.config.arch == "hash"
     groups: dict[str, list] = {
-        "grid": [model.geometry.encoding.params],
-        "mlp": [*model.geometry.mlp.parameters(), *model.color.parameters(), model.background_logit,
+        "grid": [model.geometry.encoding.params] if hashed else [],
+        "mlp": [*(model.geometry.mlp.parameters() if hashed else model.geometry.parameters()),
+                *(model.coarse.parameters() if model.coarse is not None else []),
+                *model.color.parameters(), model.background_logit,
                 *(model.transient.parameters() if model.transient is not None else [])],
         "act": list(model.act.parameters()) if model.act is not None else [],
         "feature": list(model.feature.parameters()),
@@ -121,6 +124,7 @@ class Trainer:
         c2w_unit[:, :3, 3] = model.to_unit(c2w_unit[:, :3, 3])
         height, width = int(self.images.hw[0, 0]), int(self.images.hw[0, 1])
         grid = self.model.occupancy
+        self.use_occupancy = config.model.arch == "hash"
         grid.mark_invisible_cells(self.images.K, c2w_unit, width, height,
                                   near_plane=float(model.normalization.near * model.normalization.scale))
         # Every visible cell starts occupied: thresholding the untrained (uniform) density would
@@ -164,6 +168,8 @@ class Trainer:
                           with_features=with_features, training=True)
         loss = photometric_loss(out["rgb_train"], batch.rgb, out.get("beta"), out.get("transient_density"),
                                 self.cfg.transient_reg)
+        if "rgb_coarse" in out:  # --arch mlp: NeRF trains its coarse network on plain RGB
+            loss = loss + photometric_loss(out["rgb_coarse"], batch.rgb)
         if self.model.act is not None and self.cfg.act_anchor_weight > 0:
             # ACT o static colour has a global gauge freedom; pinning the mean transform over the
             # training images to the identity keeps the static colour at the average exposure.
@@ -238,7 +244,7 @@ class Trainer:
         stage = self.stage_at(fraction)
         self.set_learning_rates(fraction)
         model.train()
-        if self.state.step >= cfg.occ_start_step:
+        if self.use_occupancy and self.state.step >= cfg.occ_start_step:
             step = self.state.step - cfg.occ_start_step
             model.occupancy.update_every_n_steps(step, model.occupancy_value, occ_thre=cfg.occ_threshold,
                                                  ema_decay=cfg.occ_ema_decay, warmup_steps=cfg.occ_warmup_steps,
@@ -261,7 +267,9 @@ class Trainer:
         logged["psnr"] = psnr(out["rgb_train"].detach(), batch.rgb)
         logged["rays"] = batch.rgb.shape[0]
         logged["stage"] = stage
-        self._adapt_batch(batch.rgb.shape[0], int(out["n_samples"]), int(out["n_candidates"]))
+        n_samples, n_candidates = int(out["n_samples"]), int(out["n_candidates"])
+        logged["samples"] = n_samples + n_candidates
+        self._adapt_batch(batch.rgb.shape[0], n_samples, n_candidates)
         return logged
 
     def _adapt_batch(self, n_rays: int, n_samples: int, n_candidates: int) -> None:
@@ -296,7 +304,8 @@ class Trainer:
             if state.step % cfg.log_every == 0 or self.done():
                 state.history.append(row)
             if self.progress is not None:
-                self.progress({"event": "step", **row, "fraction": self.progress_fraction(), "rays_per_s": logged["rays"] / dt})
+                self.progress({"event": "step", **row, "fraction": self.progress_fraction(), "rays_per_s": logged["rays"] / dt,
+                               "rays": logged["rays"], "samples": logged["samples"], "step_s": dt})
             if cfg.val_every > 0 and state.step % cfg.val_every == 0 and self.val_indices:
                 self._validate()
             if checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0 and not self.done():
