@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,6 +40,9 @@ class TrainBenchConfig:
 def _train_config(arch: str, minutes: float, device: torch.device, cfg: TrainBenchConfig) -> TrainConfig:
     overrides = dict(cfg.overrides)
     model_overrides = overrides.pop("model", {})
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown or not isinstance(model_overrides, dict):
+        raise FastnefesError(f"bench train: unknown train config keys {unknown or ['model']}")
     train_cfg = TrainConfig.for_arch(arch, seed=cfg.seed, device=str(device), minutes=minutes, val_every=0,
                                      val_images=0, checkpoint_every=0, log_every=10**9, **overrides)
     for key, value in model_overrides.items():

@@ -236,7 +236,10 @@ def bench_refine_command(
     from fastnefes.train.trainer import resolve_device
 
     overrides = _json_object(config, "--config")
-    RefineConfig.from_dict({**RefineConfig().to_dict(), **overrides})  # validates the keys before any work
+    unknown = sorted(set(overrides) - set(RefineConfig().to_dict()))
+    if unknown:
+        raise FastnefesError(f"--config: unknown refine settings {unknown}")
+    RefineConfig.from_dict({**RefineConfig().to_dict(), **overrides})  # validates the values before any work
     cfg = RefineBenchConfig(split=split, queries=queries, rot_deg=_range(rot_deg, "--rot-deg"), trans=_range(trans, "--trans"),
                             seed=seed, breakdown_iters=breakdown_iters,
                             batch_sizes=tuple(_numbers(batch_sizes, "--batch-sizes", int)),
