@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastnefes.timing import SectionTimer, section
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ('{"batch_rays": 256, "batch_samples": 4000, "model": {"mlp_width": 16, "mlp_depth": 2, "mlp_skip": 1, '
         '"coarse_samples": 8, "fine_samples": 8, "encoder_stride": 4, "encoder_width": 8, "feature_dim": 8, '
@@ -108,6 +111,20 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
         assert 0.05 <= row["error_before"]["median_trans"] <= 0.1
         assert all(v >= 0 for v in row["error_after"].values())
     assert result["ratios"]["iteration_time"] > 0
+
+    # The suite's markdown table renders from these two files (what the README quotes).
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from run_suite import markdown
+    finally:
+        sys.path.pop(0)
+    md = markdown(json.loads(train_json.read_text()), result)
+    assert "| mlp / hash |" in md and "| field_forward |" in md and "queries/s @2" in md
+
+
+def test_gpu_suite_script_parses():
+    done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_bench_bad_input_is_one_line(tiny_dataset, tmp_path, monkeypatch, capsys):

@@ -98,3 +98,12 @@ def generate_rays(K: torch.Tensor, c2w: torch.Tensor, pixels: torch.Tensor):
     dirs = (R @ d_cam[..., None])[..., 0]
     origins = t.expand_as(dirs)
     return origins, dirs, d_cam[..., 2]
+
+
+def backproject(pixels: Tensor, depth: Tensor, K: Tensor, c2w: Tensor) -> Tensor:
+    """World points [B,h,w,3] of image coordinates pixels [B,h,w,2] at z-depth [B,h,w]; K [B,3,3], c2w [B,4,4]."""
+    Kb = K[:, None, None]
+    x = (pixels[..., 0] - Kb[..., 0, 2]) / Kb[..., 0, 0] * depth
+    y = (pixels[..., 1] - Kb[..., 1, 2]) / Kb[..., 1, 1] * depth
+    cam = torch.stack([x, y, depth], -1)
+    return cam @ c2w[:, None, :3, :3].transpose(-1, -2) + c2w[:, None, None, :3, 3]

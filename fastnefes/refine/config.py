@@ -26,6 +26,11 @@ class RefineConfig:
     patience: int = 3  # ... for this many consecutive iterations
     check_every: int = 1  # how often convergence is checked (a host sync on GPU)
     verify: bool = True  # keep the initial pose when refinement made the loss worse
+    # Match-then-solve before the feature phase (fastnefes.refine.matching): rounds of mutual
+    # nearest-neighbour feature matches + rendered depth -> PnP-RANSAC; 0 = off.
+    match_rounds: int = 2
+    match_min_inliers: int = 12
+    match_reproj_factor: float = 1.5  # RANSAC threshold in feature cells (x stride pixels)
     # Photometric polish: features give the wide basin but pin the pose only to a few cm (their
     # maps are 1/8 resolution and smooth); a final RGB phase at a finer stride, started from the
     # feature result, pins it to millimetres. It is undone for a query whose RGB loss it raised.

@@ -233,11 +233,15 @@ class Refiner:
         first = self.encode_queries(images, phases[0].signal, phases[0].stride)  # judges the result
         with torch.no_grad():
             initial_loss = self._loss_at(K, init, first, H, W, phases[0].stride, signal=phases[0].signal)
+        # Every phase optimises an increment on `base`: the match-then-solve pose where it helped.
+        base = init
+        if cfg.match_rounds > 0 and phases[0].signal == "features":
+            base = self._match_start(K, init, first, H, W, phases[0].stride, initial_loss)
         for n, phase in enumerate(phases):
             target = first if n == 0 else self.encode_queries(images, phase.signal, phase.stride)
             report = progress if n == len(phases) - 1 else None
             if phase.method == "lm":  # keeps only steps that lower its loss: nothing to undo
-                converged = levenberg_marquardt_phase(self.model, K, init, target, H, W, phase.stride, phase.iters,
+                converged = levenberg_marquardt_phase(self.model, K, base, target, H, W, phase.stride, phase.iters,
                                                       delta, failed, iters, self._tolerance(), self._max_step(),
                                                       cfg.lm_damping, cfg.polish_luma, report)
                 continue
@@ -245,15 +249,15 @@ class Refiner:
             if guard:
                 start = delta.clone()
                 with torch.no_grad():
-                    before = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
-            converged = self._run_phase(phase, K, init, target, H, W, delta, failed, iters, report)
+                    before = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
+            converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
             if guard:
                 with torch.no_grad():
-                    after = self._loss_at(K, init @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
+                    after = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
                 undo = ~(after < before) & ~failed.to(dev)
                 delta[undo] = start[undo]
 
-        final = init @ se3_exp(delta)
+        final = base @ se3_exp(delta)
         with torch.no_grad():  # the first phase's loss judges the result, as the verification step
             final_loss = self._loss_at(K, final, first, H, W, phases[0].stride, signal=phases[0].signal)
         keep = ~torch.isfinite(final_loss) | ~torch.isfinite(final).flatten(1).all(1) | failed.to(dev)
@@ -270,6 +274,26 @@ class Refiner:
                 st = "kept_initial"
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
+
+    def _match_start(self, K, init, target, H, W, stride, initial_loss) -> torch.Tensor:
+        """Match-then-solve rounds (fastnefes.refine.matching): [B,4,4] poses, each the PnP pose
+        of a round where it lowered the feature loss, else the initial pose."""
+        from fastnefes.refine.matching import match_and_solve
+
+        cfg = self.config
+        best, best_loss = init.clone(), initial_loss.clone()
+        for _ in range(cfg.match_rounds):
+            with section("matching"):
+                candidate, counts = match_and_solve(self.model, target, K, best, H, W, stride, cfg.match_min_inliers,
+                                                    cfg.match_reproj_factor)
+            found = torch.as_tensor(counts > 0, device=init.device)
+            if not bool(found.any()):
+                break
+            with torch.no_grad():
+                loss = self._loss_at(K, candidate, target, H, W, stride)
+            better = found & torch.isfinite(loss) & (loss < best_loss)
+            best[better], best_loss[better] = candidate[better], loss[better]
+        return best
 
     def _per_axis(self, rot_rad: float, trans_unit: float) -> torch.Tensor:
         """[6] per-coordinate sizes of an se(3) increment: rotation in radians, translation

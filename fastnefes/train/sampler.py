@@ -16,7 +16,7 @@ from torch import Tensor
 from fastnefes.data.scene import Scene
 from fastnefes.errors import FastnefesError
 from fastnefes.field.act import luma_histogram
-from fastnefes.geometry import generate_rays, so3_exp
+from fastnefes.geometry import backproject, generate_rays, so3_exp
 
 
 class RayBatch(NamedTuple):
@@ -132,15 +132,6 @@ class RaySampler:
         out[:, :3, :3] = c2w[:, :3, :3] @ so3_exp(axes * angles)
         out[:, :3, 3] = c2w[:, :3, 3] + dirs * dists
         return out
-
-
-def backproject(pixels: Tensor, depth: Tensor, K: Tensor, c2w: Tensor) -> Tensor:
-    """World points [B,h,w,3] of image coordinates pixels [B,h,w,2] at z-depth [B,h,w]; K [B,3,3], c2w [B,4,4]."""
-    Kb = K[:, None, None]
-    x = (pixels[..., 0] - Kb[..., 0, 2]) / Kb[..., 0, 0] * depth
-    y = (pixels[..., 1] - Kb[..., 1, 2]) / Kb[..., 1, 1] * depth
-    cam = torch.stack([x, y, depth], -1)
-    return cam @ c2w[:, None, :3, :3].transpose(-1, -2) + c2w[:, None, None, :3, 3]
 
 
 def reproject(pixels: Tensor, depth: Tensor, K: Tensor, c2w_from: Tensor, c2w_to: Tensor) -> tuple[Tensor, Tensor]:
