@@ -49,7 +49,7 @@ def test_matching_only_replaces_the_start_when_it_lowers_the_loss(tiny_run, tiny
     from fastnefes.refine import RefineConfig, Refiner
 
     _, model = tiny_run
-    refiner = Refiner(model, RefineConfig(match_rounds=2))
+    refiner = Refiner(model, RefineConfig(match_rounds=2))  # off by default: turned on here
     idx = tiny_scene.split("test")[:3]
     images = np.stack([tiny_scene.image(i) for i in idx])
     K = torch.as_tensor(tiny_scene.K[idx], dtype=torch.float32)
