@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -48,3 +50,17 @@ def tiny_run(tiny_scene, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     model, _ = train(tiny_scene, tiny_train_config(), run_dir)
     return run_dir, model
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`fastnefes ARGS` in this process (as the console script runs it): exit code, stdout, stderr."""
+    from fastnefes.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fastnefes", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

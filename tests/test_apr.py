@@ -21,6 +21,7 @@ from fastnefes.data import load_scene, write_scene
 from fastnefes.data.synth import make_synthetic_scene
 from fastnefes.errors import FastnefesError
 from fastnefes.geometry import pose_errors, read_poses, so3_exp
+from conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 # A net small enough to train in seconds; mild rotation augmentation so 16 images fit quickly.
@@ -237,19 +238,6 @@ def test_load_refuses_missing_corrupt_and_mismatched_files(room, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from fastnefes.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fastnefes", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_predict_writes_a_pose_file_of_the_split(room, tmp_path, monkeypatch, capsys):

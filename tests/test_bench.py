@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastnefes.timing import SectionTimer, section
+from conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,19 +21,6 @@ TINY = ('{"batch_rays": 256, "batch_samples": 4000, "model": {"mlp_width": 16, "
         '"coarse_samples": 8, "fine_samples": 8, "encoder_stride": 4, "encoder_width": 8, "feature_dim": 8, '
         '"grid": {"n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 12, "base_resolution": 8, '
         '"per_level_scale": 1.5}, "occ_resolution": 16}}')
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from fastnefes.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fastnefes", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_section_timer_accumulates_only_while_active():

@@ -21,6 +21,7 @@ from fastnefes.data.synth import (
 )
 from fastnefes.data.synth.room import Box, Cylinder, Plane, Sphere
 from fastnefes.data.synth.trajectory import make_trajectories
+from conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(width=64, height=48, n_train=12, n_test=4)
@@ -207,20 +208,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real entry point, in a fresh interpreter."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "fastnefes", *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`fastnefes ARGS` in this process (as the console script runs it): exit code, stdout, stderr."""
-    from fastnefes.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fastnefes", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_writes_a_loadable_dataset_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
