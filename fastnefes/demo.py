@@ -26,7 +26,7 @@ class DemoPlan:
     field_steps: int
     apr_epochs: Optional[int]  # None: perturb the ground truth instead of training an APR
     refine_batch: int = 8
-    stage_fractions: tuple[float, float, float] = (0.6, 0.25, 0.15)  # TrainConfig's default split
+    stage_fractions: Optional[tuple[float, float, float]] = None  # None: TrainConfig's default split
 
 
 PLANS = {
@@ -65,7 +65,9 @@ def run_demo(out: Path, quick: bool, seed: int = 0, device: str = "cpu",
     scene = load_scene(data_dir)
 
     say(f"[2/5] training the feature field ({plan.field_steps} steps)")
-    config = TrainConfig(seed=seed, device=device, steps=plan.field_steps, stage_fractions=plan.stage_fractions)
+    config = TrainConfig(seed=seed, device=device, steps=plan.field_steps)
+    if plan.stage_fractions is not None:
+        config.stage_fractions = plan.stage_fractions
     model, train_metrics = train(scene, config, run_dir, progress=on_train_event)
 
     test = scene.split("test")
