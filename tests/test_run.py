@@ -133,6 +133,15 @@ def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys, tmp_path, data
     empty.mkdir()
     code, text = run_cli(monkeypatch, capsys, "train", empty, "--out", tmp_path / "r")
     assert code == 2 and text.strip().count("\n") == 0
+    from dataclasses import replace
+
+    from fastnefes.data import write_scene
+
+    no_depth = tmp_path / "no_depth"
+    write_scene(replace(make_synthetic_scene(seed=4, width=24, height=16, n_train=2, n_test=1, supersample=1),
+                        depth_fn=None), no_depth, "transforms")
+    code, text = run_cli(monkeypatch, capsys, "train", no_depth, "--out", tmp_path / "r", "--depth-weight", 0.5)
+    assert code == 2 and "depth_weight > 0 needs depth maps" in text and text.strip().count("\n") == 0
     run, _, _ = trained_run
     bad = tmp_path / "bad"
     import shutil
@@ -145,8 +154,9 @@ def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys, tmp_path, data
 
 def test_cli_train_and_render(monkeypatch, capsys, tmp_path, dataset_on_disk):
     code, text = run_cli(monkeypatch, capsys, "train", dataset_on_disk, "--out", tmp_path / "run", "--steps", 6,
-                         "--device", "cpu", "--feature-dim", 8)
+                         "--device", "cpu", "--feature-dim", 8, "--depth-weight", 0.5)
     assert code == 0, text
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["depth_weight"] == 0.5
     assert "val PSNR" in text and "fusion" in text
     code, text = run_cli(monkeypatch, capsys, "render", tmp_path / "run", "--data", dataset_on_disk, "--out", tmp_path / "vis",
                          "--split", "test", "--limit", 2)

@@ -15,7 +15,8 @@ from fastnefes.data.synth import make_synthetic_scene
 from conftest import small_train_config
 from fastnefes.train import TrainConfig, TrainingDiverged, train
 from fastnefes.train import losses
-from fastnefes.train.losses import contrastive_loss, photometric_loss, psnr, ssim, variance_covariance_loss
+from fastnefes.errors import FastnefesError
+from fastnefes.train.losses import contrastive_loss, depth_loss, photometric_loss, psnr, ssim, variance_covariance_loss
 from fastnefes.train.sampler import ImageSet, RaySampler, backproject, reproject
 from fastnefes.train.trainer import Trainer
 
@@ -57,6 +58,16 @@ def test_variance_covariance_loss_separates_spread_from_collapse():
     collapsed = torch.ones(16, 8) + 1e-3 * torch.randn(16, 8)
     var_c, _ = variance_covariance_loss(collapsed)
     assert float(var_c) > 0.9
+
+
+def test_depth_loss_is_relative_l1_over_valid_targets():
+    depth = torch.tensor([1.1, 2.0, 5.0, 3.0], requires_grad=True)
+    target = torch.tensor([1.0, 4.0, 0.0, 3.0])  # the third has no depth
+    loss = depth_loss(depth, target)
+    assert float(loss) == pytest.approx((0.1 / 1.0 + 2.0 / 4.0 + 0.0) / 3, rel=1e-6)
+    loss.backward()
+    assert float(depth.grad[2]) == 0.0 and float(depth.grad[0]) == pytest.approx(1 / 3, rel=1e-6)
+    assert float(depth_loss(depth, torch.zeros(4))) == 0.0  # no valid target: no loss, no NaN
 
 
 def ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
@@ -104,6 +115,27 @@ def test_rays_pass_through_their_pixels_and_carry_their_colours(small_room):
     ids = sampler.choose_images(3)
     batch = sampler.rays(30, ids)
     assert torch.equal(batch.image_ids, ids.repeat_interleave(10))
+
+
+def test_rays_carry_ground_truth_distance_to_the_surface(small_room):
+    images = ImageSet(small_room, small_room.split("train"), "cpu", with_depth=True)
+    batch = RaySampler(images, seed=0).rays(64)
+    assert batch.depth is not None and bool((batch.depth > 0).all())
+    for r in range(0, 64, 5):  # the ray's point at that distance lies at the pixel's z-depth
+        idx = images.indices[int(batch.image_ids[r])]
+        x, y = (int(v) for v in batch.pixels[r].tolist())
+        point = batch.origins[r].double().numpy() + batch.dirs[r].double().numpy() * float(batch.depth[r])
+        c2w = small_room.c2w[idx]
+        z = (point - c2w[:3, 3]) @ c2w[:3, 2]
+        assert z == pytest.approx(float(small_room.depth(idx)[y, x]), rel=1e-5)
+    assert RaySampler(ImageSet(small_room, [0], "cpu"), 0).rays(4).depth is None  # not asked for
+
+
+def test_depth_supervision_needs_depth_maps(small_room):
+    from dataclasses import replace
+
+    with pytest.raises(FastnefesError, match="depth_weight > 0 needs depth maps"):
+        ImageSet(replace(small_room, depth_fn=None), [0, 1], "cpu", with_depth=True)
 
 
 def test_patches_sit_on_feature_cell_centres(small_room):

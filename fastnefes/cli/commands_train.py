@@ -53,10 +53,12 @@ def train_field_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out with its saved config.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     arch: Annotated[str, typer.Option("--arch", help="hash (fastnefes) or mlp (NeFeS's original sampler: the baseline).")] = "hash",
+    depth_weight: Annotated[float, typer.Option("--depth-weight", min=0.0, help="Supervise rendered depth with the data's depth maps at this weight (needs depth registered to the images).")] = 0.0,
 ) -> None:
     """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
     from fastnefes.train import STAGES, TrainConfig, train
     from fastnefes.train.run import configure_distill
+    from fastnefes.train.sampler import require_depth
     from fastnefes.train.trainer import resolve_device
 
     if steps is not None and minutes is not None:
@@ -65,7 +67,9 @@ def train_field_command(
     scene = load_scene_from_options(data, format, downscale, max_side, focal)
     if not scene.split("train"):
         raise FastnefesError(f"{data}: no training images (the train split is empty)")
-    config = TrainConfig.for_arch(arch, seed=seed, device=str(torch_device))
+    config = TrainConfig.for_arch(arch, seed=seed, device=str(torch_device), depth_weight=depth_weight)
+    if depth_weight > 0:
+        require_depth(scene)  # before the progress bar, so the error stays one line
     if steps is not None:
         config.steps = steps
     config.minutes = minutes

@@ -68,6 +68,9 @@ class TrainConfig:
     lr_decay: float = 0.1
     weight_decay_mlp: float = 1e-6
     # Loss weights.
+    # Depth supervision (relative L1 on rendered ray distance) for scenes with registered depth
+    # maps (the synthetic room; off by default: 7-Scenes' Kinect depth is not registered to RGB).
+    depth_weight: float = 0.0
     transient_reg: float = 0.01  # NeRF-W's mean transient density penalty
     act_anchor_weight: float = 1.0  # keeps the mean ACT over the training images at the identity
     feature_weight: float = 1.0  # stage 2+ contrastive (ssl) or distillation loss

@@ -34,6 +34,15 @@ def photometric_loss(rgb: Tensor, target: Tensor, beta: Optional[Tensor] = None,
     return loss
 
 
+def depth_loss(depth: Tensor, target: Tensor) -> Tensor:
+    """Mean relative L1 between rendered and ground-truth ray distances [R] over the rays with a
+    valid target (> 0); 0 when there are none. Relative, so near and far surfaces weigh alike
+    and the weight means the same in every scene's units (DS-NeRF-style depth supervision)."""
+    valid = target > 0
+    rel = (depth - target).abs() / torch.where(valid, target, torch.ones_like(target))
+    return (rel * valid).sum() / valid.sum().clamp_min(1)  # no host sync
+
+
 def soft_positive_targets(points: Tensor, radius: float) -> Tensor:
     """Rows of soft positives [P,P] from surface points [P,3]: exp(-d^2 / (2 r^2)), rows sum to 1."""
     d2 = torch.cdist(points, points).pow(2)

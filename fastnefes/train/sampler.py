@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,12 +26,21 @@ class RayBatch(NamedTuple):
     rgb: Tensor  # [R,3] float in [0,1]
     image_ids: Tensor  # [R] long, index into the ImageSet
     pixels: Tensor  # [R,2] image coordinates (x, y) of the pixel centres
+    depth: Optional[Tensor] = None  # [R] ground-truth ray distance (dataset units, 0 = invalid), if loaded
+
+
+def require_depth(scene: Scene) -> None:
+    """FastnefesError unless the scene has depth maps (for depth supervision)."""
+    if scene.depth_fn is None:
+        raise FastnefesError(f"{scene.root}: depth_weight > 0 needs depth maps, and this {scene.format or ''} dataset has none")
 
 
 class ImageSet:
-    """The images of one split on a device: pixels, intrinsics, poses, luma histograms."""
+    """The images of one split on a device: pixels, intrinsics, poses, luma histograms, and with
+    `with_depth` the scene's depth maps (FastnefesError if it has none)."""
 
-    def __init__(self, scene: Scene, indices: Sequence[int], device: torch.device | str, bins: int = 10) -> None:
+    def __init__(self, scene: Scene, indices: Sequence[int], device: torch.device | str, bins: int = 10,
+                 with_depth: bool = False) -> None:
         if len(indices) == 0:
             raise FastnefesError(f"{scene.root}: no training images (the train split is empty)")
         self.indices = list(indices)
@@ -43,6 +53,14 @@ class ImageSet:
         self.c2w = torch.as_tensor(scene.c2w[self.indices], dtype=torch.float32, device=device)
         self.histograms = torch.stack([luma_histogram(img, bins) for img in images]).to(device)
         self.same_size = bool((self.hw == self.hw[0]).all())
+        self.depths: Optional[Tensor] = None  # flat float32 z-depth, aligned with pixels
+        if with_depth:
+            require_depth(scene)
+            depths = [np.asarray(scene.depth(i), dtype=np.float32) for i in self.indices]
+            for i, img, depth in zip(self.indices, images, depths):
+                if depth.shape != img.shape[:2]:
+                    raise FastnefesError(f"{scene.root / scene.names[i]}: depth map is {depth.shape}, image is {img.shape[:2]}")
+            self.depths = torch.cat([torch.from_numpy(d).reshape(-1) for d in depths]).to(device)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -103,7 +121,11 @@ class RaySampler:
         rgb = imgs.pixels[imgs.offsets[ids] + flat].float() / 255.0
         pixels = torch.stack([col, row], -1).float() + 0.5
         origins, dirs, _ = generate_rays(imgs.K[ids], imgs.c2w[ids], pixels)
-        return RayBatch(origins, dirs, rgb, ids, pixels)
+        depth = None
+        if imgs.depths is not None:  # z-depth -> distance along the unit ray
+            forward = imgs.c2w[ids, :3, 2]
+            depth = imgs.depths[imgs.offsets[ids] + flat] / (dirs * forward).sum(-1).clamp_min(1e-6)
+        return RayBatch(origins, dirs, rgb, ids, pixels, depth)
 
     def patches(self, image_ids: Tensor, per_image: int, size: int, stride: int) -> Tensor:
         """Image coordinates [B*per_image, size, size, 2] of square patches of feature cells

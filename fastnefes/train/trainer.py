@@ -30,7 +30,7 @@ from fastnefes.field.encoder import sample_feature_map
 from fastnefes.field.model import FeatureFieldModel
 from fastnefes.render import render_image, render_pixels, render_rays
 from fastnefes.train.config import STAGES, TrainConfig
-from fastnefes.train.losses import (contrastive_loss, distill_loss, photometric_loss, psnr,
+from fastnefes.train.losses import (contrastive_loss, depth_loss, distill_loss, photometric_loss, psnr,
                                     variance_covariance_loss)
 from fastnefes.train.sampler import ImageSet, RaySampler, backproject, reproject
 
@@ -107,7 +107,8 @@ class Trainer:
         self.scene, self.cfg, self.model = scene, config, model
         self.device = model.device
         self.progress = progress
-        self.images = ImageSet(scene, scene.split("train"), self.device, config.model.act_bins)
+        self.images = ImageSet(scene, scene.split("train"), self.device, config.model.act_bins,
+                               with_depth=config.depth_weight > 0)
         self.sampler = RaySampler(self.images, config.seed)
         self.optimizer = build_optimizer(model, config)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -168,6 +169,8 @@ class Trainer:
                           with_features=with_features, training=True)
         loss = photometric_loss(out["rgb_train"], batch.rgb, out.get("beta"), out.get("transient_density"),
                                 self.cfg.transient_reg)
+        if batch.depth is not None:
+            loss = loss + self.cfg.depth_weight * depth_loss(out["depth"], batch.depth)
         if "rgb_coarse" in out:  # --arch mlp: NeRF trains its coarse network on plain RGB
             loss = loss + photometric_loss(out["rgb_coarse"], batch.rgb)
         if self.model.act is not None and self.cfg.act_anchor_weight > 0:
