@@ -134,8 +134,10 @@ def test_rays_carry_ground_truth_distance_to_the_surface(small_room):
 def test_depth_supervision_needs_depth_maps(small_room):
     from dataclasses import replace
 
-    with pytest.raises(FastnefesError, match="depth_weight > 0 needs depth maps"):
+    with pytest.raises(FastnefesError, match="depth_weight > 0 needs depth maps, and this synthetic dataset has none"):
         ImageSet(replace(small_room, depth_fn=None), [0, 1], "cpu", with_depth=True)
+    with pytest.raises(FastnefesError, match=r"depth_weight=-1\.0, expected a number >= 0"):
+        TrainConfig(depth_weight=-1.0)
 
 
 def test_patches_sit_on_feature_cell_centres(small_room):
@@ -222,3 +224,16 @@ def test_minutes_budget_stops_on_time_with_stages_in_order(small_room):
     assert metrics["wall_time_s"] >= 1.2 and metrics["steps"] >= 1
     stages = [h["stage"] for h in metrics["history"]]
     assert stages == sorted(stages) and stages[0] == 0
+
+
+def test_depth_supervision_brings_rendered_depth_closer_to_the_truth(small_room):
+    from fastnefes.train.trainer import evaluate_views
+
+    def depth_error(weight: float) -> float:
+        model, _ = train(small_room, tiny_config(steps=60, stage_fractions=(1.0, 0.0, 0.0), depth_weight=weight))
+        errors = [np.median(np.abs(v["depth"].numpy() - small_room.depth(v["index"])) / small_room.depth(v["index"]))
+                  for v in evaluate_views(model, small_room, small_room.split("train")[:4])]
+        return float(np.mean(errors))
+
+    plain, supervised = depth_error(0.0), depth_error(1.0)
+    assert supervised < 0.5 * plain, (plain, supervised)

@@ -101,6 +101,8 @@ class TrainConfig:
             raise FastnefesError(f"train config: stage_fractions={self.stage_fractions}, expected three non-negative numbers")
         if self.minutes is None and not (isinstance(self.steps, int) and self.steps >= 1):
             raise FastnefesError(f"train config: steps={self.steps!r}, expected a positive integer")
+        if not self.depth_weight >= 0:
+            raise FastnefesError(f"train config: depth_weight={self.depth_weight!r}, expected a number >= 0")
         if self.minutes is not None and not self.minutes > 0:
             raise FastnefesError(f"train config: minutes={self.minutes!r}, expected a positive number")
 

@@ -32,7 +32,8 @@ class RayBatch(NamedTuple):
 def require_depth(scene: Scene) -> None:
     """FastnefesError unless the scene has depth maps (for depth supervision)."""
     if scene.depth_fn is None:
-        raise FastnefesError(f"{scene.root}: depth_weight > 0 needs depth maps, and this {scene.format or ''} dataset has none")
+        kind = f"this {scene.format} dataset" if scene.format else "this dataset"
+        raise FastnefesError(f"{scene.root}: depth_weight > 0 needs depth maps, and {kind} has none")
 
 
 class ImageSet:
