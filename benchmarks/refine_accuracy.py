@@ -7,7 +7,8 @@ Perturbs the split's ground-truth poses uniformly (seeded; magnitudes in the sce
 refines them one query at a time (the latency path) or in batches, and writes the before/after
 medians, recall at 5 cm / 5 deg, how much any query was made worse, per-query latency p50/p95
 and the machine, as JSON. Train the run first, e.g.
-    fastnefes synth room --format 7scenes && fastnefes train room --out run
+    fastnefes synth room --format 7scenes && fastnefes train room --out run --depth-weight 0.5
+(refine_room_cpu.json; without --depth-weight: refine_room_nodepth_cpu.json)
 """
 
 from __future__ import annotations
