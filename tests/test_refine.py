@@ -88,6 +88,22 @@ def test_batched_and_single_agree(tiny_run, tiny_scene):
         assert single.diagnostics[0].iterations == batched.diagnostics[i].iterations
 
 
+def test_restarts_keep_each_querys_lowest_loss_run(tiny_run, tiny_scene):
+    _, model = tiny_run
+    images, K, gt = _queries(tiny_scene, 3)
+    init = perturb_poses(gt, 3.0, 0.05, seed=3)
+    base = dict(iters=6, coarse_iters=3, polish_iters=0, verify=False)
+    first = Refiner(model, RefineConfig(**base)).refine(images, K, init)
+    again = Refiner(model, RefineConfig(**{**base, "coarse_iters": 0})).refine(images, K, init)  # restart 1's settings
+    both = Refiner(model, RefineConfig(**base, restarts=1)).refine(images, K, init)
+    for i in range(3):
+        a, b = first.diagnostics[i], again.diagnostics[i]
+        pick = first if a.final_loss <= b.final_loss else again
+        assert both.diagnostics[i].final_loss == pytest.approx(min(a.final_loss, b.final_loss), abs=1e-6)
+        assert np.allclose(both.poses[i], pick.poses[i], atol=1e-5)
+        assert both.diagnostics[i].iterations == a.iterations + b.iterations
+
+
 def test_verification_keeps_the_initial_pose_when_the_loss_gets_worse(tiny_run, tiny_scene, monkeypatch):
     _, model = tiny_run
     images, K, gt = _queries(tiny_scene, 2)

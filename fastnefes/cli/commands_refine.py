@@ -56,7 +56,8 @@ def refine_command(
     signal: Annotated[str, typer.Option("--signal", help="features | rgb (photometric, iNeRF-style)")] = "features",
     polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 8; 0 = none).")] = None,
     polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 2; the level before it uses twice that).")] = None,
-    match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 2; 0 = none).")] = None,
+    match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 0 = none).")] = None,
+    restarts: Annotated[Optional[int], typer.Option("--restarts", min=0, help="Extra feature-phase runs from the initial pose (no coarse iterations, step sizes halved per restart); each query keeps its lowest-loss run (default 0).")] = None,
     polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).")] = False,
     device: DeviceOpt = "auto",
     format: FormatOpt = "auto",
@@ -103,6 +104,8 @@ def refine_command(
     cfg.polish_luma = polish_luma
     if match_rounds is not None:
         cfg.match_rounds = match_rounds
+    if restarts is not None:
+        cfg.restarts = restarts
 
     with progress_bar() as bar:
         task = bar.add_task(f"refine ({target}, {signal})", total=len(init_poses), info="")

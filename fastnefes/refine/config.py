@@ -26,6 +26,10 @@ class RefineConfig:
     patience: int = 3  # ... for this many consecutive iterations
     check_every: int = 1  # how often convergence is checked (a host sync on GPU)
     verify: bool = True  # keep the initial pose when refinement made the loss worse
+    # Restarts of the feature phase from the initial pose (no coarse iterations, step sizes
+    # halved per restart); each query keeps the run with the lowest feature loss. 0 = off: each
+    # restart costs a whole feature phase.
+    restarts: int = 0
     # Match-then-solve before the feature phase (fastnefes.refine.matching): rounds of mutual
     # nearest-neighbour feature matches + rendered depth -> PnP-RANSAC; 0 = off. Off by default:
     # on the room (30 queries, 10-30 cm / 5-10 deg) 2 rounds took the median from 0.90 to 2.9 cm

@@ -251,6 +251,8 @@ class Refiner:
                 with torch.no_grad():
                     before = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
             converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
+            if n == 0 and cfg.restarts > 0:
+                converged = self._restart_first_phase(phase, K, base, target, H, W, delta, failed, iters, converged)
             if guard:
                 with torch.no_grad():
                     after = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
@@ -274,6 +276,25 @@ class Refiner:
                 st = "kept_initial"
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
+
+    def _restart_first_phase(self, phase: Phase, K, base, target, H, W, delta, failed, iters, converged) -> torch.Tensor:
+        """Run the first phase again from the initial pose `cfg.restarts` times, without its
+        coarse iterations and with step sizes halved per restart; each query keeps the run with
+        the lowest final loss (delta, failed, iters updated in place; returns converged [B])."""
+        with torch.no_grad():
+            best = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
+        best = torch.where(failed.to(best.device), torch.full_like(best, math.inf), best)
+        for k in range(self.config.restarts):
+            variant = Phase(phase.signal, phase.stride, phase.iters, 0, phase.lr_fraction * 0.5**k, phase.method)
+            d, f = torch.zeros_like(delta), torch.zeros_like(failed)
+            c = self._run_phase(variant, K, base, target, H, W, d, f, iters, None)
+            with torch.no_grad():
+                loss = self._loss_at(K, base @ se3_exp(d), target, H, W, phase.stride, signal=phase.signal)
+            take = ~f.to(loss.device) & torch.isfinite(loss) & (loss < best)
+            delta[take], best[take] = d[take], loss[take]
+            take_cpu = take.cpu()
+            failed[take_cpu], converged[take_cpu] = False, c[take_cpu]
+        return converged
 
     def _match_start(self, K, init, target, H, W, stride, initial_loss) -> torch.Tensor:
         """Match-then-solve rounds (fastnefes.refine.matching): [B,4,4] poses, each the PnP pose
