@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import fastnefes
 from fastnefes.data.synth import make_synthetic_scene
 from fastnefes.errors import FastnefesError
 from fastnefes.render import render_image
-from conftest import small_train_config
+from conftest import run_main, small_train_config
 from fastnefes.train import TrainConfig, load_run, train
 from fastnefes.train.run import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, read_checkpoint
 
@@ -99,17 +98,10 @@ def test_load_run_bad_inputs_are_one_line_errors(trained_run, tmp_path):
         train(make_synthetic_scene(seed=3, width=16, height=12, n_train=2, n_test=1), tiny_config(steps=1), run)
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from fastnefes.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fastnefes", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """run_main with any argument types, stdout and stderr together."""
+    code, out, err = run_main(monkeypatch, capsys, *map(str, args))
+    return code, out + err
 
 
 @pytest.fixture(scope="module")

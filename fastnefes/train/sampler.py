@@ -121,11 +121,10 @@ class RaySampler:
         row, col = flat // hw[:, 1], flat % hw[:, 1]
         rgb = imgs.pixels[imgs.offsets[ids] + flat].float() / 255.0
         pixels = torch.stack([col, row], -1).float() + 0.5
-        origins, dirs, _ = generate_rays(imgs.K[ids], imgs.c2w[ids], pixels)
+        origins, dirs, z_per_t = generate_rays(imgs.K[ids], imgs.c2w[ids], pixels)
         depth = None
         if imgs.depths is not None:  # z-depth -> distance along the unit ray
-            forward = imgs.c2w[ids, :3, 2]
-            depth = imgs.depths[imgs.offsets[ids] + flat] / (dirs * forward).sum(-1).clamp_min(1e-6)
+            depth = imgs.depths[imgs.offsets[ids] + flat] / z_per_t.clamp_min(1e-6)
         return RayBatch(origins, dirs, rgb, ids, pixels, depth)
 
     def patches(self, image_ids: Tensor, per_image: int, size: int, stride: int) -> Tensor:
