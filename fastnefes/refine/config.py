@@ -30,6 +30,14 @@ class RefineConfig:
     # halved per restart); each query keeps the run with the lowest feature loss. 0 = off: each
     # restart costs a whole feature phase.
     restarts: int = 0
+    # Rotation search before the feature phase (fastnefes.refine.rotation_search): one render
+    # widened by this fraction of the view on every side, the query correlated with every window
+    # of it (at each roll angle), the camera turned to the best window where that lowers the
+    # loss. 0 = off.
+    search_pad: float = 0.0
+    search_roll_deg: float = 10.0  # roll angles tried: search_roll_steps values in [-x, x] ...
+    search_roll_steps: int = 5  # ... (1 = no roll)
+    search_candidates: int = 4  # distinct turns rendered to pick from (the windows only rank them)
     # Match-then-solve before the feature phase (fastnefes.refine.matching): rounds of mutual
     # nearest-neighbour feature matches + rendered depth -> PnP-RANSAC; 0 = off. Off by default:
     # on the room (30 queries, 10-30 cm / 5-10 deg) 2 rounds took the median from 0.90 to 2.9 cm

@@ -235,6 +235,8 @@ class Refiner:
             initial_loss = self._loss_at(K, init, first, H, W, phases[0].stride, signal=phases[0].signal)
         # Every phase optimises an increment on `base`: the match-then-solve pose where it helped.
         base = init
+        if cfg.search_pad > 0:
+            base = self._search_start(K, init, first, H, W, phases[0], initial_loss)
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, init, first, H, W, phases[0].stride, initial_loss)
         for n, phase in enumerate(phases):
@@ -295,6 +297,27 @@ class Refiner:
             take_cpu = take.cpu()
             failed[take_cpu], converged[take_cpu] = False, c[take_cpu]
         return converged
+
+    def _search_start(self, K, init, target, H, W, phase: Phase, initial_loss) -> torch.Tensor:
+        """Rotation search (fastnefes.refine.rotation_search): [B,4,4] poses, each the turned
+        pose where it lowered the first phase's loss, else the initial pose."""
+        from fastnefes.refine.rotation_search import search_rotation
+
+        cfg = self.config
+        rolls = tuple(np.linspace(-cfg.search_roll_deg, cfg.search_roll_deg, cfg.search_roll_steps)
+                      if cfg.search_roll_steps > 1 else (0.0,))
+        with section("rotation_search"):
+            turned, _ = search_rotation(self.model, target, K, init, H, W, phase.stride, cfg.search_pad,
+                                        tuple(float(r) for r in rolls), cfg.search_candidates, phase.signal)
+            B, k = turned.shape[:2]
+            with torch.no_grad():  # the windows only rank turns: ordinary renders judge them
+                loss = self._loss_at(K.repeat_interleave(k, 0), turned.flatten(0, 1), target.repeat_interleave(k, 0),
+                                     H, W, phase.stride, signal=phase.signal).view(B, k)
+            loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, math.inf))
+            value, pick = loss.min(1)
+            better = value < initial_loss
+            best = torch.where(better[:, None, None], turned[torch.arange(B, device=turned.device), pick], init)
+        return best
 
     def _match_start(self, K, init, target, H, W, stride, initial_loss) -> torch.Tensor:
         """Match-then-solve rounds (fastnefes.refine.matching): [B,4,4] poses, each the PnP pose
