@@ -77,7 +77,9 @@ def test_batched_and_single_agree(tiny_run, tiny_scene):
     # Few iterations: a render's sample choices are thresholds, so float rounding that differs
     # with the batch's shape can flip one and trajectories then part slowly; a mixed-up row,
     # shared optimiser state or cross-talk in the batched render moves a pose by whole steps.
-    cfg = RefineConfig(iters=5, coarse_iters=2, verify=False)
+    # The rotation search is checked on its own (test_rotation_search); polish iterations far
+    # from the truth part trajectories further, so this keeps the session-1 polish length.
+    cfg = RefineConfig(iters=5, coarse_iters=2, verify=False, search_pad=0.0, polish_iters=8)
     batched = Refiner(model, cfg).refine(images, K, init)
     moved_t, moved_r = pose_errors(batched.poses, init)
     assert np.all(moved_r > 0.2)  # the comparison means something: every query moved

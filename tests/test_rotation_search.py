@@ -93,3 +93,24 @@ def test_search_turns_the_camera_back_to_the_view(tiny_run, tiny_scene, signal):
     assert np.allclose(t_after, t_before, atol=1e-6)  # the search only turns the camera
     assert np.all(r_after < 0.25 * r_before), (r_before, r_after)
     assert bool((loss1 < loss0).all())
+
+
+def test_search_start_does_not_depend_on_the_batch(tiny_run, tiny_scene):
+    from fastnefes.refine import RefineConfig, Refiner
+
+    _, model = tiny_run
+    idx = tiny_scene.split("test")[:3]
+    images = np.stack([tiny_scene.image(i) for i in idx])
+    K = torch.as_tensor(tiny_scene.K[idx], dtype=torch.float32)
+    init = torch.as_tensor(perturb_poses(tiny_scene.c2w[idx], 8.0, 0.05, seed=5), dtype=torch.float32)
+    refiner = Refiner(model, RefineConfig())
+    target = refiner.encode_queries(images)
+    H, W = images.shape[1:3]
+    with torch.no_grad():
+        loss0 = refiner._loss_at(K, init, target, H, W, refiner.stride())
+        batched = refiner._search_start(K, init, target, H, W, refiner.phases()[0], loss0)
+        for i in range(3):
+            one = refiner._search_start(K[i : i + 1], init[i : i + 1], target[i : i + 1], H, W, refiner.phases()[0],
+                                        loss0[i : i + 1])
+            assert torch.allclose(one[0], batched[i], atol=1e-5)
+    assert bool((batched != init).any())  # the search turned at least one camera

@@ -54,8 +54,9 @@ def refine_command(
     batch: Annotated[int, typer.Option("--batch", min=1, help="Queries refined together in one batched render.")] = 8,
     loss: Annotated[str, typer.Option("--loss", help="cosine | robust")] = "cosine",
     signal: Annotated[str, typer.Option("--signal", help="features | rgb (photometric, iNeRF-style)")] = "features",
-    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 8; 0 = none).")] = None,
+    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 20; 0 = none).")] = None,
     polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 2; the level before it uses twice that).")] = None,
+    search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the feature phase: one render widened by this fraction of the view on every side, the camera turned to the best-matching window (default 0.3; 0 = none).")] = None,
     match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 0 = none).")] = None,
     restarts: Annotated[Optional[int], typer.Option("--restarts", min=0, help="Extra feature-phase runs from the initial pose (no coarse iterations, step sizes halved per restart); each query keeps its lowest-loss run (default 0).")] = None,
     polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).")] = False,
@@ -102,6 +103,8 @@ def refine_command(
     if polish_stride is not None:
         cfg.polish_stride = polish_stride
     cfg.polish_luma = polish_luma
+    if search_pad is not None:
+        cfg.search_pad = search_pad
     if match_rounds is not None:
         cfg.match_rounds = match_rounds
     if restarts is not None:

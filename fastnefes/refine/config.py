@@ -34,7 +34,7 @@ class RefineConfig:
     # widened by this fraction of the view on every side, the query correlated with every window
     # of it (at each roll angle), the camera turned to the best window where that lowers the
     # loss. 0 = off.
-    search_pad: float = 0.0
+    search_pad: float = 0.3
     search_roll_deg: float = 10.0  # roll angles tried: search_roll_steps values in [-x, x] ...
     search_roll_steps: int = 5  # ... (1 = no roll)
     search_candidates: int = 4  # distinct turns rendered to pick from (the windows only rank them)
@@ -48,7 +48,7 @@ class RefineConfig:
     # Photometric polish: features give the wide basin but pin the pose only to a few cm (their
     # maps are 1/8 resolution and smooth); a final RGB phase at a finer stride, started from the
     # feature result, pins it to millimetres. It is undone for a query whose RGB loss it raised.
-    polish_iters: int = 8  # per pyramid level; 0 = no polish
+    polish_iters: int = 20  # per pyramid level; 0 = no polish
     polish_stride: int = 2  # image pixels per rendered pixel in the (last) polish phase
     polish_levels: int = 2  # a pyramid: levels at polish_stride * 2^(levels-1), ..., * 2, * 1
     polish_method: str = "lm"  # "lm" (Levenberg-Marquardt) or "adam"

@@ -235,7 +235,7 @@ class Refiner:
             initial_loss = self._loss_at(K, init, first, H, W, phases[0].stride, signal=phases[0].signal)
         # Every phase optimises an increment on `base`: the match-then-solve pose where it helped.
         base = init
-        if cfg.search_pad > 0:
+        if cfg.search_pad > 0 and phases[0].iters > 0:  # the start of the feature phase (none: polish only)
             base = self._search_start(K, init, first, H, W, phases[0], initial_loss)
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, init, first, H, W, phases[0].stride, initial_loss)
