@@ -86,8 +86,9 @@ def test_search_turns_the_camera_back_to_the_view(tiny_run, tiny_scene, signal):
     refiner = Refiner(model, RefineConfig(signal=signal, stride=stride, search_pad=0.35, search_roll_steps=3))
     with torch.no_grad():
         loss0 = refiner._loss_at(K, init, query, H, W, stride, signal=signal)
-        start = refiner._search_start(K, init, query, H, W, refiner.phases()[0], loss0)
+        start, reported = refiner._search_start(K, init, query, H, W, refiner.phases()[0], loss0)
         loss1 = refiner._loss_at(K, start, query, H, W, stride, signal=signal)
+    assert torch.allclose(reported, loss1, atol=1e-5)
     t_before, r_before = pose_errors(init.double().numpy(), gt.double().numpy())
     t_after, r_after = pose_errors(start.double().numpy(), gt.double().numpy())
     assert np.allclose(t_after, t_before, atol=1e-6)  # the search only turns the camera
@@ -108,9 +109,9 @@ def test_search_start_does_not_depend_on_the_batch(tiny_run, tiny_scene):
     H, W = images.shape[1:3]
     with torch.no_grad():
         loss0 = refiner._loss_at(K, init, target, H, W, refiner.stride())
-        batched = refiner._search_start(K, init, target, H, W, refiner.phases()[0], loss0)
+        batched, _ = refiner._search_start(K, init, target, H, W, refiner.phases()[0], loss0)
         for i in range(3):
-            one = refiner._search_start(K[i : i + 1], init[i : i + 1], target[i : i + 1], H, W, refiner.phases()[0],
-                                        loss0[i : i + 1])
+            one, _ = refiner._search_start(K[i : i + 1], init[i : i + 1], target[i : i + 1], H, W,
+                                           refiner.phases()[0], loss0[i : i + 1])
             assert torch.allclose(one[0], batched[i], atol=1e-5)
     assert bool((batched != init).any())  # the search turned at least one camera

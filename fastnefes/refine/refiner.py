@@ -233,12 +233,13 @@ class Refiner:
         first = self.encode_queries(images, phases[0].signal, phases[0].stride)  # judges the result
         with torch.no_grad():
             initial_loss = self._loss_at(K, init, first, H, W, phases[0].stride, signal=phases[0].signal)
-        # Every phase optimises an increment on `base`: the match-then-solve pose where it helped.
-        base = init
+        # Every phase optimises an increment on `base`: the rotation search's or match-then-solve's
+        # pose where it helped.
+        base, base_loss = init, initial_loss
         if cfg.search_pad > 0 and phases[0].iters > 0:  # the start of the feature phase (none: polish only)
-            base = self._search_start(K, init, first, H, W, phases[0], initial_loss)
+            base, base_loss = self._search_start(K, init, first, H, W, phases[0], initial_loss)
         if cfg.match_rounds > 0 and phases[0].signal == "features":
-            base = self._match_start(K, init, first, H, W, phases[0].stride, initial_loss)
+            base = self._match_start(K, base, first, H, W, phases[0].stride, base_loss)
         for n, phase in enumerate(phases):
             target = first if n == 0 else self.encode_queries(images, phase.signal, phase.stride)
             report = progress if n == len(phases) - 1 else None
@@ -298,9 +299,9 @@ class Refiner:
             failed[take_cpu], converged[take_cpu] = False, c[take_cpu]
         return converged
 
-    def _search_start(self, K, init, target, H, W, phase: Phase, initial_loss) -> torch.Tensor:
-        """Rotation search (fastnefes.refine.rotation_search): [B,4,4] poses, each the turned
-        pose where it lowered the first phase's loss, else the initial pose."""
+    def _search_start(self, K, init, target, H, W, phase: Phase, initial_loss) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotation search (fastnefes.refine.rotation_search): ([B,4,4] poses, each the turned
+        pose where it lowered the first phase's loss, else the initial pose; [B] their losses)."""
         from fastnefes.refine.rotation_search import search_rotation
 
         cfg = self.config
@@ -317,7 +318,7 @@ class Refiner:
             value, pick = loss.min(1)
             better = value < initial_loss
             best = torch.where(better[:, None, None], turned[torch.arange(B, device=turned.device), pick], init)
-        return best
+        return best, torch.where(better, value, initial_loss)
 
     def _match_start(self, K, init, target, H, W, stride, initial_loss) -> torch.Tensor:
         """Match-then-solve rounds (fastnefes.refine.matching): [B,4,4] poses, each the PnP pose
