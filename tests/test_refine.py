@@ -94,7 +94,7 @@ def test_restarts_keep_each_querys_lowest_loss_run(tiny_run, tiny_scene):
     _, model = tiny_run
     images, K, gt = _queries(tiny_scene, 3)
     init = perturb_poses(gt, 3.0, 0.05, seed=3)
-    base = dict(iters=6, coarse_iters=3, polish_iters=0, verify=False)
+    base = dict(iters=6, coarse_iters=3, polish_iters=0, verify=False, search_pad=0.0)
     first = Refiner(model, RefineConfig(**base)).refine(images, K, init)
     again = Refiner(model, RefineConfig(**{**base, "coarse_iters": 0})).refine(images, K, init)  # restart 1's settings
     both = Refiner(model, RefineConfig(**base, restarts=1)).refine(images, K, init)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastnefes.geometry import se3_exp
+from fastnefes.geometry import se3_exp, se3_log
 from fastnefes.refine.config import RefineConfig
 from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
@@ -255,7 +255,8 @@ class Refiner:
                     before = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
             converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
             if n == 0 and cfg.restarts > 0:
-                converged = self._restart_first_phase(phase, K, base, target, H, W, delta, failed, iters, converged)
+                converged = self._restart_first_phase(phase, K, base, init, target, H, W, delta, failed, iters,
+                                                     converged)
             if guard:
                 with torch.no_grad():
                     after = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
@@ -280,16 +281,21 @@ class Refiner:
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
 
-    def _restart_first_phase(self, phase: Phase, K, base, target, H, W, delta, failed, iters, converged) -> torch.Tensor:
+    def _restart_first_phase(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, converged
+                             ) -> torch.Tensor:
         """Run the first phase again from the initial pose `cfg.restarts` times, without its
         coarse iterations and with step sizes halved per restart; each query keeps the run with
-        the lowest final loss (delta, failed, iters updated in place; returns converged [B])."""
+        the lowest final loss (delta, failed, iters updated in place; returns converged [B]).
+        The restarts start from `init` even where the rotation search moved `base`: a second
+        opinion where the search picked a wrong turn."""
         with torch.no_grad():
             best = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
         best = torch.where(failed.to(best.device), torch.full_like(best, math.inf), best)
+        start = torch.where((base == init).flatten(1).all(1)[:, None], torch.zeros_like(delta),
+                            se3_log(torch.linalg.inv(base) @ init))  # init = base @ exp(start)
         for k in range(self.config.restarts):
             variant = Phase(phase.signal, phase.stride, phase.iters, 0, phase.lr_fraction * 0.5**k, phase.method)
-            d, f = torch.zeros_like(delta), torch.zeros_like(failed)
+            d, f = start.clone(), torch.zeros_like(failed)
             c = self._run_phase(variant, K, base, target, H, W, d, f, iters, None)
             with torch.no_grad():
                 loss = self._loss_at(K, base @ se3_exp(d), target, H, W, phase.stride, signal=phase.signal)
