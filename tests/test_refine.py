@@ -233,12 +233,14 @@ def test_refine_cli_round_trips_through_eval(tiny_run, tiny_data, tmp_path):
     test = scene.split("test")
     gt = {scene.names[i]: scene.c2w[i] for i in test}
     write_poses(tmp_path / "init.txt", dict(zip(gt, perturb_poses(np.stack(list(gt.values())), 2.0, 0.03, seed=0))))
-    r = run_cli("refine", run_dir, "--data", data, "--init", tmp_path / "init.txt", "--out", tmp_path / "refined.txt", "--iters", "8")
+    r = run_cli("refine", run_dir, "--data", data, "--init", tmp_path / "init.txt", "--out", tmp_path / "refined.txt", "--iters", "8",
+                "--search-pad", "0.2")
     assert r.returncode == 0, r.stderr
     refined = read_poses(tmp_path / "refined.txt")
     assert list(refined) == list(gt)
     report = json.loads((tmp_path / "refined.json").read_text())
     assert {"p50", "p95"} <= set(report["latency_ms"]) and len(report["queries"]) == len(gt)
+    assert report["config"]["search_pad"] == 0.2
     r = run_cli("eval", "--gt", data, "--pred", tmp_path / "refined.txt", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]
