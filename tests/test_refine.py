@@ -14,7 +14,7 @@ import torch
 from fastnefes.geometry import perturb_poses, pose_errors, read_poses, write_poses
 from fastnefes.refine import RefineConfig, Refiner
 from fastnefes.refine.losses import feature_metric_loss
-from fastnefes.refine.refiner import BatchedAdam
+from fastnefes.refine.optim import BatchedAdam
 
 
 def test_batched_adam_rows_are_independent_and_frozen_rows_do_not_move():

@@ -24,6 +24,7 @@ from fastnefes.geometry import se3_exp, se3_log
 from fastnefes.refine.config import RefineConfig
 from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
+from fastnefes.refine.optim import BatchedAdam, lr_scale
 from fastnefes.timing import section
 
 STATUS = ("converged", "max_iters", "kept_initial", "failed")
@@ -46,41 +47,6 @@ class RefineResult:
     poses: np.ndarray  # [B, 4, 4] refined camera-to-world, dataset frame
     initial: np.ndarray  # [B, 4, 4] the starting poses (the APR's prediction for target "apr")
     diagnostics: list[QueryDiagnostics] = field(default_factory=list)
-
-
-class BatchedAdam:
-    """Adam over a [B, P] tensor where each row has its own step count and can be frozen.
-
-    torch.optim.Adam keeps moving a parameter with zero gradient through its momentum, so rows
-    that stopped early would drift; here frozen rows do not move at all, and a row's trajectory
-    does not depend on which other rows share the batch.
-    """
-
-    def __init__(self, n_rows: int, lrs: torch.Tensor, betas=(0.9, 0.999), eps=1e-8):
-        self.lrs = lrs  # [P] per-column step size
-        self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.m = torch.zeros(n_rows, lrs.numel(), dtype=lrs.dtype, device=lrs.device)
-        self.v = torch.zeros_like(self.m)
-        self.steps = torch.zeros(n_rows, 1, dtype=lrs.dtype, device=lrs.device)
-
-    def step(self, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
-        """Update param[rows] in place with grad [len(rows), P]; returns the update applied."""
-        self.steps[rows] += 1
-        t = self.steps[rows]
-        self.m[rows] = self.b1 * self.m[rows] + (1 - self.b1) * grad
-        self.v[rows] = self.b2 * self.v[rows] + (1 - self.b2) * grad * grad
-        m_hat = self.m[rows] / (1 - self.b1**t)
-        v_hat = self.v[rows] / (1 - self.b2**t)
-        update = -scale * self.lrs * m_hat / (v_hat.sqrt() + self.eps)
-        param[rows] += update
-        return update
-
-
-def _lr_scale(iters: int, it: int, final_fraction: float) -> float:
-    """Cosine decay from 1 to final_fraction over a phase's iterations."""
-    if iters <= 1:
-        return 1.0
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * it / (iters - 1)))
 
 
 @dataclass(frozen=True)
@@ -388,7 +354,7 @@ class Refiner:
             with section("optimizer_step"):
                 finite = torch.isfinite(grad).all(1) & torch.isfinite(loss.detach())
                 grad = torch.where(finite[:, None], grad, torch.zeros_like(grad))
-                update = adam.step(delta, grad, rows_d, _lr_scale(phase.iters, it, cfg.lr_final_fraction))
+                update = adam.step(delta, grad, rows_d, lr_scale(phase.iters, it, cfg.lr_final_fraction))
             iters[rows] += 1
             if not bool(finite.all()):
                 bad = rows[~finite.cpu()]
@@ -440,7 +406,7 @@ class Refiner:
         best = (float(initial_loss[0]), init)
         for it in range(cfg.iters):
             for g in opt.param_groups:
-                g["lr"] = cfg.lr_apr * _lr_scale(cfg.iters, it, cfg.lr_final_fraction)
+                g["lr"] = cfg.lr_apr * lr_scale(cfg.iters, it, cfg.lr_final_fraction)
             factor = cfg.coarse_factor if it < cfg.coarse_iters else 1
             pose = local(x).float()
             loss = self._loss_at(K, pose, target, H, W, stride, factor)
