@@ -277,11 +277,11 @@ class Refiner:
         from fastnefes.refine.rotation_search import search_rotation
 
         cfg = self.config
-        rolls = tuple(np.linspace(-cfg.search_roll_deg, cfg.search_roll_deg, cfg.search_roll_steps)
-                      if cfg.search_roll_steps > 1 else (0.0,))
+        n, most = cfg.search_roll_steps, cfg.search_roll_deg
+        rolls = tuple(float(r) for r in np.linspace(-most, most, n)) if n > 1 else (0.0,)
         with section("rotation_search"):
-            turned, _ = search_rotation(self.model, target, K, init, H, W, phase.stride, cfg.search_pad,
-                                        tuple(float(r) for r in rolls), cfg.search_candidates, phase.signal)
+            turned, _ = search_rotation(self.model, target, K, init, H, W, phase.stride, cfg.search_pad, rolls,
+                                        cfg.search_candidates, phase.signal)
             B, k = turned.shape[:2]
             with torch.no_grad():  # the windows only rank turns: ordinary renders judge them
                 loss = self._loss_at(K.repeat_interleave(k, 0), turned.flatten(0, 1), target.repeat_interleave(k, 0),

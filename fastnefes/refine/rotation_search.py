@@ -53,6 +53,13 @@ def window_losses(rendered: torch.Tensor, query: torch.Tensor, valid: torch.Tens
     raise ValueError(f"unknown signal {signal!r} (expected 'features' or 'rgb')")
 
 
+def turn_points(xy: torch.Tensor, cos: torch.Tensor | float, sin: torch.Tensor | float) -> torch.Tensor:
+    """Points [..., 2] (x right, y down) turned by the angle with this cosine and sine about the
+    origin: positive angles take x towards y (clockwise on screen)."""
+    x, y = xy[..., 0], xy[..., 1]
+    return torch.stack([cos * x - sin * y, sin * x + cos * y], -1)
+
+
 def turn_map(query: torch.Tensor, angle_rad: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The query map [B, C, h, w] turned by angle_rad about its centre (bilinear), and where it
     is defined: ([B, C, h, w], valid [B, 1, h, w] float)."""
@@ -64,8 +71,7 @@ def turn_map(query: torch.Tensor, angle_rad: float) -> tuple[torch.Tensor, torch
     # angle true on non-square maps.
     scale = torch.tensor([w / 2.0, h / 2.0], dtype=query.dtype, device=query.device)
     base = pixel_grid(h, w, 1, device=query.device, dtype=query.dtype) - scale  # centred pixel coords
-    x, y = base[..., 0], base[..., 1]
-    src = torch.stack([c * x + s * y, -s * x + c * y], -1) / scale  # normalised [-1, 1]
+    src = turn_points(base, c, -s) / scale  # normalised [-1, 1]
     grid = src.expand(B, h, w, 2)
     turned = F.grid_sample(query, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     valid = F.grid_sample(torch.ones_like(query[:, :1]), grid, mode="bilinear", padding_mode="zeros",
@@ -135,10 +141,7 @@ def search_rotation(model, query: torch.Tensor, K: torch.Tensor, c2w: torch.Tens
     # Query pixel p sees what the old camera sees at centre + turn(p - centre) + shift * stride.
     p = pixel_grid(h, w, stride, device=query.device).reshape(1, -1, 2)
     centre = torch.tensor([w * stride / 2.0, h * stride / 2.0], device=query.device)
-    c, s = torch.cos(roll), torch.sin(roll)
-    rel = p - centre
-    target = centre + torch.stack([c * rel[..., 0] - s * rel[..., 1], s * rel[..., 0] + c * rel[..., 1]], -1)
-    target = target + shift * stride
+    target = centre + turn_points(p - centre, torch.cos(roll), torch.sin(roll)) + shift * stride
     Kk = K.repeat_interleave(k, 0)[:, None]  # [B k, 1, 3, 3]
     src = F.normalize(camera_directions(Kk, p.expand(B * k, -1, -1)), dim=-1)
     dst = F.normalize(camera_directions(Kk, target), dim=-1)
