@@ -25,7 +25,7 @@ class RefineConfig:
     tol_trans: float = 2e-5  # ... and less than this (unit cube) ...
     patience: int = 3  # ... for this many consecutive iterations
     check_every: int = 1  # how often convergence is checked (a host sync on GPU)
-    verify: bool = True  # keep the initial pose when refinement made the loss worse
+    verify: bool = True  # keep the initial pose when the feature phase made its loss worse
     # Restarts of the feature phase from the initial pose (no coarse iterations, step sizes
     # halved per restart); each query keeps the run with the lowest feature loss. 0 = off: each
     # restart costs a whole feature phase.

@@ -4,7 +4,8 @@ The pipeline per query, as in the paper: encode the query image once with the ru
 G, then for each iteration render the field's fused features at the current pose at the same
 resolution (only those rays), compute the feature-metric loss, and take an Adam step on the
 pose increment (target "pose") or on a per-query copy of the APR's weights (target "apr").
-A verification step keeps the initial pose when the final loss is not better.
+A verification step keeps the initial pose when the feature phase did not lower the feature loss
+(the RGB polish after it is guarded by its own loss).
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ class Refiner:
             base, base_loss = self._search_start(K, init, first, H, W, phases[0], initial_loss)
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, base, first, H, W, phases[0].stride, base_loss)
+        judged = None  # the first phase's loss at its own result (the verification's verdict)
         for n, phase in enumerate(phases):
             target = first if n == 0 else self.encode_queries(images, phase.signal, phase.stride)
             report = progress if n == len(phases) - 1 else None
@@ -223,6 +225,9 @@ class Refiner:
             if n == 0 and cfg.restarts > 0:
                 converged = self._restart_first_phase(phase, K, base, init, target, H, W, delta, failed, iters,
                                                      converged)
+            if n == 0 and phase.iters > 0:
+                with torch.no_grad():
+                    judged = self._loss_at(K, base @ se3_exp(delta), first, H, W, phase.stride, signal=phase.signal)
             if guard:
                 with torch.no_grad():
                     after = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
@@ -230,11 +235,15 @@ class Refiner:
                 delta[undo] = start[undo]
 
         final = base @ se3_exp(delta)
-        with torch.no_grad():  # the first phase's loss judges the result, as the verification step
+        with torch.no_grad():  # reported: the first phase's loss at the returned pose
             final_loss = self._loss_at(K, final, first, H, W, phases[0].stride, signal=phases[0].signal)
         keep = ~torch.isfinite(final_loss) | ~torch.isfinite(final).flatten(1).all(1) | failed.to(dev)
         if cfg.verify:
-            keep |= final_loss >= initial_loss
+            # Each phase is judged by its own signal: the first phase's result by the first loss
+            # against the initial pose here, a polish phase by its RGB loss (it only keeps steps
+            # that lower it). Judging the polished pose by the feature loss would undo a polish
+            # that pinned the pose where a weak field's features are a little worse.
+            keep |= (judged if judged is not None else final_loss) >= initial_loss
         out = torch.where(keep[:, None, None], init, final).double().cpu().numpy()
         wall = (time.perf_counter() - t0) / B
         diags = []
