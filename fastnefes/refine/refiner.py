@@ -33,8 +33,8 @@ STATUS = ("converged", "max_iters", "kept_initial", "failed")
 
 @dataclass
 class QueryDiagnostics:
-    initial_loss: float
-    final_loss: float
+    initial_loss: float  # the first phase's loss (features by default) at the initial pose
+    final_loss: float  # the same loss at the returned pose (the polish may raise it a little)
     iterations: int
     wall_time_s: float
     status: str  # one of STATUS
