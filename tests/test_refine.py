@@ -308,9 +308,10 @@ def test_bounds_cli_writes_plot_and_records_per_signal(tiny_run, tiny_data, tmp_
     run_dir, _ = tiny_run
     out = tmp_path / "bounds.png"
     r = run_cli("bounds", run_dir, "--data", tiny_data, "--out", out, "--queries", "1", "--iters", "2",
-                "--polish-iters", "0")
+                "--polish-iters", "0", "--search-pad", "0.2")
     assert r.returncode == 0, r.stderr
     result = json.loads(out.with_suffix(".json").read_text())
+    assert result["config"]["search_pad"] == 0.2 and result["config"]["polish_iters"] == 0
     for signal in ("features", "rgb"):
         recs = result["records"][signal]
         assert len(recs) == 12 and {rec["sweep"] for rec in recs} == {"rotation", "translation"}
