@@ -225,7 +225,7 @@ class Refiner:
             if n == 0 and cfg.restarts > 0:
                 converged = self._restart_first_phase(phase, K, base, init, target, H, W, delta, failed, iters,
                                                      converged)
-            if n == 0 and phase.iters > 0:
+            if n == 0 and phase.iters > 0 and len(phases) > 1:  # alone, its result is the final pose
                 with torch.no_grad():
                     judged = self._loss_at(K, base @ se3_exp(delta), first, H, W, phase.stride, signal=phase.signal)
             if guard:
