@@ -158,6 +158,38 @@ def test_restarts_keep_each_querys_lowest_loss_run(tiny_run, tiny_scene):
         assert both.diagnostics[i].iterations == a.iterations + b.iterations
 
 
+def test_a_turned_query_keeps_the_better_of_the_turned_and_unturned_runs(tiny_run, tiny_scene, monkeypatch):
+    from fastnefes.geometry import se3_exp
+
+    _, model = tiny_run
+    images, K, gt = _queries(tiny_scene, 3)
+    init = perturb_poses(gt, 3.0, 0.05, seed=4)
+    turn = torch.tensor([[0.0, 0.2, 0.0, 0.0, 0.0, 0.0]])  # 11.5 deg about the camera's y axis
+
+    def turn_first_two(self, K, init, target, H, W, phase, initial_loss):  # a constructed search: turns queries 0, 1
+        turned = init.clone()
+        turned[:2] = init[:2] @ se3_exp(turn.expand(2, 6))
+        return turned, initial_loss
+
+    base = dict(iters=6, coarse_iters=3, polish_iters=0, verify=False, search_pad=0.3)
+    monkeypatch.setattr(Refiner, "_search_start", turn_first_two)
+    alone = Refiner(model, RefineConfig(**base, search_second_opinion=False)).refine(images, K, init)
+    both = Refiner(model, RefineConfig(**base)).refine(images, K, init)
+    unturned = Refiner(model, RefineConfig(**{**base, "search_pad": 0.0})).refine(images, K, init)
+    for i in range(3):
+        a, b = alone.diagnostics[i], unturned.diagnostics[i]
+        if i == 2:  # not turned: one run, as without a second opinion
+            assert np.allclose(both.poses[i], alone.poses[i], atol=1e-6)
+            assert both.diagnostics[i].iterations == a.iterations
+            continue
+        pick = alone if a.final_loss <= b.final_loss else unturned
+        assert both.diagnostics[i].final_loss == pytest.approx(min(a.final_loss, b.final_loss), abs=1e-5)
+        assert np.allclose(both.poses[i], pick.poses[i], atol=1e-4)
+        assert both.diagnostics[i].iterations == a.iterations + b.iterations
+    # The 11.5-degree turn is far outside what 6 iterations undo: the unturned run wins for both.
+    assert all(unturned.diagnostics[i].final_loss < alone.diagnostics[i].final_loss for i in range(2))
+
+
 def test_verification_keeps_the_initial_pose_when_the_loss_gets_worse(tiny_run, tiny_scene, monkeypatch):
     _, model = tiny_run
     images, K, gt = _queries(tiny_scene, 2)

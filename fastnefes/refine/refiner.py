@@ -205,6 +205,7 @@ class Refiner:
         base, base_loss = init, initial_loss
         if cfg.search_pad > 0 and phases[0].iters > 0:  # the start of the feature phase (none: polish only)
             base, base_loss = self._search_start(K, init, first, H, W, phases[0], initial_loss)
+        turned = ~(base == init).flatten(1).all(1)  # [B] queries the search turned
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, base, first, H, W, phases[0].stride, base_loss)
         judged = None  # the first phase's loss at its own result (the verification's verdict)
@@ -222,6 +223,9 @@ class Refiner:
                 with torch.no_grad():
                     before = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
             converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
+            if n == 0 and cfg.search_second_opinion and bool(turned.any()):
+                converged = self._unturned_run(phase, K, base, init, target, H, W, delta, failed, iters, converged,
+                                               turned)
             if n == 0 and cfg.restarts > 0:
                 converged = self._restart_first_phase(phase, K, base, init, target, H, W, delta, failed, iters,
                                                      converged)
@@ -255,6 +259,31 @@ class Refiner:
                 st = "kept_initial"
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
+
+    def _unturned_run(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, converged, turned
+                      ) -> torch.Tensor:
+        """Run the first phase again, unchanged, from the initial pose of each query the rotation
+        search turned (turned [B] bool); each keeps the run with the lower final loss (delta,
+        failed, iters updated in place; returns converged [B]). A turn can mimic a sideways
+        offset, and from that start the phase settles in the wrong place."""
+        rows = turned.nonzero()[:, 0]
+        rows_cpu = rows.cpu()
+        d = torch.zeros(len(rows), 6, device=delta.device)
+        f = torch.zeros(len(rows), dtype=torch.bool)
+        it = torch.zeros(len(rows), dtype=torch.long)
+        c = self._run_phase(phase, K[rows], init[rows], target[rows], H, W, d, f, it, None)
+        with torch.no_grad():
+            pose = init[rows] @ se3_exp(d)
+            new = self._loss_at(K[rows], pose, target[rows], H, W, phase.stride, signal=phase.signal)
+            old = self._loss_at(K[rows], base[rows] @ se3_exp(delta[rows]), target[rows], H, W, phase.stride,
+                                signal=phase.signal)
+        old = torch.where(failed[rows_cpu].to(old.device), torch.full_like(old, math.inf), old)
+        take = ~f.to(new.device) & torch.isfinite(new) & (new < old)
+        delta[rows[take]] = se3_log(torch.linalg.inv(base[rows[take]]) @ pose[take])  # as an increment on base
+        take_cpu = take.cpu()
+        failed[rows_cpu[take_cpu]], converged[rows_cpu[take_cpu]] = False, c[take_cpu]
+        iters[rows_cpu] += it
+        return converged
 
     def _restart_first_phase(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, converged
                              ) -> torch.Tensor:
