@@ -173,8 +173,8 @@ def test_a_turned_query_keeps_the_better_of_the_turned_and_unturned_runs(tiny_ru
 
     base = dict(iters=6, coarse_iters=3, polish_iters=0, verify=False, search_pad=0.3)
     monkeypatch.setattr(Refiner, "_search_start", turn_first_two)
-    alone = Refiner(model, RefineConfig(**base, search_second_opinion=False)).refine(images, K, init)
-    both = Refiner(model, RefineConfig(**base)).refine(images, K, init)
+    alone = Refiner(model, RefineConfig(**base)).refine(images, K, init)
+    both = Refiner(model, RefineConfig(**base, search_second_opinion=True)).refine(images, K, init)
     unturned = Refiner(model, RefineConfig(**{**base, "search_pad": 0.0})).refine(images, K, init)
     for i in range(3):
         a, b = alone.diagnostics[i], unturned.diagnostics[i]
@@ -318,13 +318,13 @@ def test_refine_cli_round_trips_through_eval(tiny_run, tiny_data, tmp_path):
     gt = {scene.names[i]: scene.c2w[i] for i in test}
     write_poses(tmp_path / "init.txt", dict(zip(gt, perturb_poses(np.stack(list(gt.values())), 2.0, 0.03, seed=0))))
     r = run_cli("refine", run_dir, "--data", data, "--init", tmp_path / "init.txt", "--out", tmp_path / "refined.txt", "--iters", "8",
-                "--search-pad", "0.2")
+                "--search-pad", "0.2", "--second-opinion")
     assert r.returncode == 0, r.stderr
     refined = read_poses(tmp_path / "refined.txt")
     assert list(refined) == list(gt)
     report = json.loads((tmp_path / "refined.json").read_text())
     assert {"p50", "p95"} <= set(report["latency_ms"]) and len(report["queries"]) == len(gt)
-    assert report["config"]["search_pad"] == 0.2
+    assert report["config"]["search_pad"] == 0.2 and report["config"]["search_second_opinion"] is True
     r = run_cli("eval", "--gt", data, "--pred", tmp_path / "refined.txt", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]
@@ -340,10 +340,11 @@ def test_bounds_cli_writes_plot_and_records_per_signal(tiny_run, tiny_data, tmp_
     run_dir, _ = tiny_run
     out = tmp_path / "bounds.png"
     r = run_cli("bounds", run_dir, "--data", tiny_data, "--out", out, "--queries", "1", "--iters", "2",
-                "--polish-iters", "0", "--search-pad", "0.2")
+                "--polish-iters", "0", "--search-pad", "0.2", "--second-opinion")
     assert r.returncode == 0, r.stderr
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["config"]["search_pad"] == 0.2 and result["config"]["polish_iters"] == 0
+    assert result["config"]["search_second_opinion"] is True
     for signal in ("features", "rgb"):
         recs = result["records"][signal]
         assert len(recs) == 12 and {rec["sweep"] for rec in recs} == {"rotation", "translation"}

@@ -24,6 +24,7 @@ def bounds_command(
     iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Main-phase iterations (default: refine's).")] = None,
     polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Photometric polish iterations per level (default: refine's; 0 compares the signals alone).")] = None,
     search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the main phase, for every signal (default: refine's; 0 compares the local optimisers alone).")] = None,
+    second_opinion: Annotated[bool, typer.Option("--second-opinion", help="With the search: turned queries also run from their initial pose (see refine's --second-opinion).")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
     format: FormatOpt = "auto",
@@ -53,6 +54,7 @@ def bounds_command(
         config.iters = config.iters if iters is None else iters
         config.polish_iters = config.polish_iters if polish_iters is None else polish_iters
         config.search_pad = config.search_pad if search_pad is None else search_pad
+        config.search_second_opinion = second_opinion
         result = refinement_bounds(model, scene, split, config, signals=sigs, sweeps=sweeps,
                                    max_queries=queries, seed=seed, on_progress=lambda k: bar.update(task, completed=k))
     thr_t, thr_r = 0.05 * scale, 5.0  # success: within 5% of the scene size and 5 degrees

@@ -57,6 +57,7 @@ def refine_command(
     polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 20; 0 = none).")] = None,
     polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 2; the level before it uses twice that).")] = None,
     search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the feature phase: one render widened by this fraction of the view on every side, the camera turned to the best-matching window (default 0.3; 0 = none).")] = None,
+    second_opinion: Annotated[bool, typer.Option("--second-opinion", help="A query the rotation search turned also runs the feature phase from its initial pose and keeps the run with the lower loss (costs a phase for each such query; default off).")] = False,
     match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 0 = none).")] = None,
     restarts: Annotated[Optional[int], typer.Option("--restarts", min=0, help="Extra feature-phase runs from the initial pose (no coarse iterations, step sizes halved per restart); each query keeps its lowest-loss run (default 0).")] = None,
     polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).")] = False,
@@ -105,6 +106,7 @@ def refine_command(
     cfg.polish_luma = polish_luma
     if search_pad is not None:
         cfg.search_pad = search_pad
+    cfg.search_second_opinion = second_opinion
     if match_rounds is not None:
         cfg.match_rounds = match_rounds
     if restarts is not None:

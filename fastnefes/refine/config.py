@@ -39,8 +39,10 @@ class RefineConfig:
     search_roll_steps: int = 5  # ... (1 = no roll)
     search_candidates: int = 4  # distinct turns rendered to pick from (the windows only rank them)
     # A query the search turned also runs the feature phase from its initial pose and keeps the
-    # run with the lower loss: a turn can mimic a sideways offset (costs a phase for those only).
-    search_second_opinion: bool = True
+    # run with the lower loss: a turn can mimic a sideways offset. Off by default: it widened the
+    # translation bounds on the room but lost one of 30 benchmark queries (README, step 2), and
+    # costs a phase for each turned query.
+    search_second_opinion: bool = False
     # Match-then-solve before the feature phase (fastnefes.refine.matching): rounds of mutual
     # nearest-neighbour feature matches + rendered depth -> PnP-RANSAC; 0 = off. Off by default:
     # on the room (30 queries, 10-30 cm / 5-10 deg) 2 rounds took the median from 0.90 to 2.9 cm
