@@ -224,11 +224,14 @@ class Refiner:
                     before = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
             converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
             if n == 0 and cfg.search_second_opinion and bool(turned.any()):
-                converged = self._unturned_run(phase, K, base, init, target, H, W, delta, failed, iters, converged,
-                                               turned)
-            if n == 0 and cfg.restarts > 0:
-                converged = self._restart_first_phase(phase, K, base, init, target, H, W, delta, failed, iters,
-                                                     converged)
+                # A turn can mimic a sideways offset: the unturned run, unchanged, as a second opinion.
+                converged = self._keep_better_run(phase, K, base, init, target, H, W, delta, failed, iters,
+                                                  converged, turned.nonzero()[:, 0])
+            for k in range(cfg.restarts if n == 0 else 0):
+                # From the initial pose, not the search's turn; no coarse iterations, step sizes halved per restart.
+                variant = Phase(phase.signal, phase.stride, phase.iters, 0, phase.lr_fraction * 0.5**k, phase.method)
+                converged = self._keep_better_run(variant, K, base, init, target, H, W, delta, failed, iters,
+                                                  converged, torch.arange(B, device=dev))
             if n == 0 and phase.iters > 0 and len(phases) > 1:  # alone, its result is the final pose
                 with torch.no_grad():
                     judged = self._loss_at(K, base @ se3_exp(delta), first, H, W, phase.stride, signal=phase.signal)
@@ -260,13 +263,11 @@ class Refiner:
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
 
-    def _unturned_run(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, converged, turned
-                      ) -> torch.Tensor:
-        """Run the first phase again, unchanged, from the initial pose of each query the rotation
-        search turned (turned [B] bool); each keeps the run with the lower final loss (delta,
-        failed, iters updated in place; returns converged [B]). A turn can mimic a sideways
-        offset, and from that start the phase settles in the wrong place."""
-        rows = turned.nonzero()[:, 0]
+    def _keep_better_run(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, converged, rows
+                         ) -> torch.Tensor:
+        """Run `phase` again from the initial poses of the queries `rows` [R]; each keeps whichever
+        run ends at the lower loss (delta, an increment on base, and failed, iters [B] updated in
+        place; returns converged [B]). The second opinion of `restarts` and `search_second_opinion`."""
         rows_cpu = rows.cpu()
         d = torch.zeros(len(rows), 6, device=delta.device)
         f = torch.zeros(len(rows), dtype=torch.bool)
@@ -277,36 +278,12 @@ class Refiner:
             new = self._loss_at(K[rows], pose, target[rows], H, W, phase.stride, signal=phase.signal)
             old = self._loss_at(K[rows], base[rows] @ se3_exp(delta[rows]), target[rows], H, W, phase.stride,
                                 signal=phase.signal)
-        old = torch.where(failed[rows_cpu].to(old.device), torch.full_like(old, math.inf), old)
+        old = torch.where(failed[rows_cpu].to(old.device) | ~torch.isfinite(old), torch.full_like(old, math.inf), old)
         take = ~f.to(new.device) & torch.isfinite(new) & (new < old)
         delta[rows[take]] = se3_log(torch.linalg.inv(base[rows[take]]) @ pose[take])  # as an increment on base
         take_cpu = take.cpu()
         failed[rows_cpu[take_cpu]], converged[rows_cpu[take_cpu]] = False, c[take_cpu]
         iters[rows_cpu] += it
-        return converged
-
-    def _restart_first_phase(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, converged
-                             ) -> torch.Tensor:
-        """Run the first phase again from the initial pose `cfg.restarts` times, without its
-        coarse iterations and with step sizes halved per restart; each query keeps the run with
-        the lowest final loss (delta, failed, iters updated in place; returns converged [B]).
-        The restarts start from `init` even where the rotation search moved `base`: a second
-        opinion where the search picked a wrong turn."""
-        with torch.no_grad():
-            best = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
-        best = torch.where(failed.to(best.device), torch.full_like(best, math.inf), best)
-        start = torch.where((base == init).flatten(1).all(1)[:, None], torch.zeros_like(delta),
-                            se3_log(torch.linalg.inv(base) @ init))  # init = base @ exp(start)
-        for k in range(self.config.restarts):
-            variant = Phase(phase.signal, phase.stride, phase.iters, 0, phase.lr_fraction * 0.5**k, phase.method)
-            d, f = start.clone(), torch.zeros_like(failed)
-            c = self._run_phase(variant, K, base, target, H, W, d, f, iters, None)
-            with torch.no_grad():
-                loss = self._loss_at(K, base @ se3_exp(d), target, H, W, phase.stride, signal=phase.signal)
-            take = ~f.to(loss.device) & torch.isfinite(loss) & (loss < best)
-            delta[take], best[take] = d[take], loss[take]
-            take_cpu = take.cpu()
-            failed[take_cpu], converged[take_cpu] = False, c[take_cpu]
         return converged
 
     def _search_start(self, K, init, target, H, W, phase: Phase, initial_loss) -> tuple[torch.Tensor, torch.Tensor]:
