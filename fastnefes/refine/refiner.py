@@ -14,7 +14,7 @@ import copy
 from contextlib import contextmanager
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -229,7 +229,7 @@ class Refiner:
                                                   converged, turned.nonzero()[:, 0])
             for k in range(cfg.restarts if n == 0 else 0):
                 # From the initial pose, not the search's turn; no coarse iterations, step sizes halved per restart.
-                variant = Phase(phase.signal, phase.stride, phase.iters, 0, phase.lr_fraction * 0.5**k, phase.method)
+                variant = replace(phase, coarse_iters=0, lr_fraction=phase.lr_fraction * 0.5**k)
                 converged = self._keep_better_run(variant, K, base, init, target, H, W, delta, failed, iters,
                                                   converged, torch.arange(B, device=dev))
             if n == 0 and phase.iters > 0 and len(phases) > 1:  # alone, its result is the final pose
@@ -388,7 +388,6 @@ class Refiner:
     def _polish_apr_result(self, images, K, result: RefineResult) -> RefineResult:
         """Pose-target polish (no feature iterations) from the APR-refined poses; the
         verification still compares against the APR's own prediction."""
-        from dataclasses import replace
 
         polish = Refiner(self.model, replace(self.config, target="pose", iters=0))
         polished = polish._refine_poses(images, K, result.poses, None)
