@@ -52,6 +52,14 @@ def tiny_run(tiny_scene, tmp_path_factory):
     return run_dir, model
 
 
+def query_views(scene, n=None):
+    """(images [n,H,W,3] uint8, K [n,3,3], c2w [n,4,4]) of the first n test views of a scene."""
+    import numpy as np
+
+    test = scene.split("test")[:n]
+    return np.stack([scene.image(i) for i in test]), scene.K[test], scene.c2w[test]
+
+
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`fastnefes ARGS` in this process (as the console script runs it): exit code, stdout, stderr."""
     from fastnefes.cli import main

@@ -209,13 +209,19 @@ class Refiner:
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, base, first, H, W, phases[0].stride, base_loss)
         judged = None  # the first phase's loss at its own result (the verification's verdict)
+        subset = len(phases) > 1 and 0 < cfg.polish_rays < (H // phases[-1].stride) * (W // phases[-1].stride)
         for n, phase in enumerate(phases):
+            if n == 1 and subset:  # a polish fitting some pixels is judged on all of its finest grid's
+                finest = self.encode_queries(images, "rgb", phases[-1].stride)
+                polish_start = delta.clone()
+                with torch.no_grad():
+                    polish_before = self._loss_at(K, base @ se3_exp(delta), finest, H, W, phases[-1].stride, signal="rgb")
             target = first if n == 0 else self.encode_queries(images, phase.signal, phase.stride)
             report = progress if n == len(phases) - 1 else None
             if phase.method == "lm":  # keeps only steps that lower its loss: nothing to undo
                 converged = levenberg_marquardt_phase(self.model, K, base, target, H, W, phase.stride, phase.iters,
                                                       delta, failed, iters, self._tolerance(), self._max_step(),
-                                                      cfg.lm_damping, cfg.polish_luma, report)
+                                                      cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays)
                 continue
             guard = n > 0  # a later Adam phase is undone for a query whose loss it did not lower
             if guard:
@@ -241,6 +247,11 @@ class Refiner:
                 undo = ~(after < before) & ~failed.to(dev)
                 delta[undo] = start[undo]
 
+        if subset:
+            with torch.no_grad():
+                after = self._loss_at(K, base @ se3_exp(delta), finest, H, W, phases[-1].stride, signal="rgb")
+            undo = ~(after < polish_before) & ~failed.to(dev)
+            delta[undo] = polish_start[undo]
         final = base @ se3_exp(delta)
         with torch.no_grad():  # reported: the first phase's loss at the returned pose
             final_loss = self._loss_at(K, final, first, H, W, phases[0].stride, signal=phases[0].signal)
