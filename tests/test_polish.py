@@ -90,7 +90,7 @@ def test_polish_never_raises_the_photometric_loss(tiny_run, tiny_scene, rays):
     cfg = RefineConfig(iters=0, polish_iters=4, polish_stride=2, verify=False, polish_rays=rays)
     refiner = Refiner(model, cfg)
     res = refiner.refine(images, K, init)
-    target = refiner.encodequery_views(images, "rgb", 2)
+    target = refiner.encode_queries(images, "rgb", 2)
     Kt = torch.tensor(K, dtype=torch.float32)
     with torch.no_grad():
         before = refiner._loss_at(Kt, torch.tensor(init, dtype=torch.float32), target, 48, 64, 2, signal="rgb")

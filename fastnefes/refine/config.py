@@ -61,7 +61,7 @@ class RefineConfig:
     # Rays fitted per query and polish level: where a level's grid has more pixels, only this
     # many, the most textured of each query (flat regions add rays, hardly any J^T J), judged on
     # every pixel of the finest grid at the end. 0 = every pixel.
-    polish_rays: int = 0
+    polish_rays: int = 1200
     polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
     lm_max_rot_deg: float = 1.0  # trust region: a polish step turns at most this much ...
