@@ -15,26 +15,32 @@ from fastnefes.render import render_rays
 from conftest import query_views
 
 
-def test_textured_pixels_are_each_querys_edges():
+def test_textured_pixels_take_each_blocks_edge_pixel():
     h, w, s = 6, 8, 2
     target = torch.zeros(2, 3, h, w)
     target[0, :, :, 5:] = 1.0  # an edge between columns 4 and 5
     target[1, :, :, 2:] = torch.tensor([0.2, 0.5, 0.9])[:, None, None]  # one between columns 1 and 2
     target[1] += torch.linspace(0.0, 0.05, h)[:, None]  # a faint vertical ramp: texture, but far less
-    pixels, colours = textured_pixels(target, s, 3 * h)
-    assert pixels.shape == (2, 3 * h, 2) and colours.shape == (2, 3 * h, 3)
+    pixels, colours = textured_pixels(target, s, h * w // 4)  # 2 x 2 blocks: 3 x 4 of them
+    assert pixels.shape == (2, 12, 2) and colours.shape == (2, 12, 3)
     col = (pixels[..., 0] / s - 0.5).round().long()
     row = (pixels[..., 1] / s - 0.5).round().long()
     assert torch.allclose(pixels, (torch.stack([col, row], -1) + 0.5) * s)  # pixel_grid's centres
-    # The score is dilated by one pixel: the columns on both sides of each edge, every row.
-    assert set(col[0].tolist()) == {3, 4, 5} and set(col[1].tolist()) == {0, 1, 2}
-    assert all(len(set(zip(r.tolist(), c.tolist()))) == 3 * h for r, c in zip(row, col))
+    for b in range(2):  # one pixel in every block
+        assert sorted(zip((row[b] // 2).tolist(), (col[b] // 2).tolist())) == [(i, j) for i in range(3) for j in range(4)]
+    # Central differences score both sides of an edge: the blocks it crosses or touches take a
+    # pixel beside it, whatever the ramp says.
+    assert set(col[0][col[0] // 2 == 2].tolist()) <= {4, 5}
+    assert set(col[1][col[1] // 2 == 0].tolist()) == {1} and set(col[1][col[1] // 2 == 1].tolist()) == {2}
     flat = row * w + col
     assert torch.all(flat[:, 1:] > flat[:, :-1])  # raster order
     for b in range(2):
         assert torch.equal(colours[b], target[b][:, row[b], col[b]].t())
-    every, _ = textured_pixels(target, s, 10**6)  # more than the grid has: all of it
-    assert torch.equal(every[0], pixel_grid(h * s, w * s, s).reshape(-1, 2))
+    for count in (h * w, 10**6):  # the grid or more: every pixel
+        every, _ = textured_pixels(target, s, count)
+        assert torch.equal(every[0], pixel_grid(h * s, w * s, s).reshape(-1, 2))
+    few, _ = textured_pixels(target, s, 5)  # 3 x 3 blocks would be 2 x 3 = 6 > 5: 4 x 4, 2 x 2 of them
+    assert few.shape == (2, 4, 2)
 
 
 def test_per_ray_jacobian_matches_the_pose_gradient(tiny_run, tiny_scene):

@@ -58,9 +58,9 @@ class RefineConfig:
     polish_levels: int = 2  # a pyramid: levels at polish_stride * 2^(levels-1), ..., * 2, * 1
     polish_method: str = "lm"  # "lm" (Levenberg-Marquardt) or "adam"
     polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
-    # Rays fitted per query and polish level: where a level's grid has more pixels, only this
-    # many, the most textured of each query (flat regions add rays, hardly any J^T J), judged on
-    # every pixel of the finest grid at the end. 0 = every pixel.
+    # Rays fitted per query and polish level: where a level's grid has more pixels, at most this
+    # many, the most textured pixel of each block of the grid (flat regions add rays, hardly any
+    # J^T J), judged on every pixel of the finest grid at the end. 0 = every pixel.
     polish_rays: int = 1200
     polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))

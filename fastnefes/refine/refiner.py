@@ -209,7 +209,8 @@ class Refiner:
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, base, first, H, W, phases[0].stride, base_loss)
         judged = None  # the first phase's loss at its own result (the verification's verdict)
-        subset = len(phases) > 1 and 0 < cfg.polish_rays < (H // phases[-1].stride) * (W // phases[-1].stride)
+        subset = (len(phases) > 1 and cfg.polish_method == "lm"  # the LM polish fits polish_rays rays
+                  and 0 < cfg.polish_rays < (H // phases[-1].stride) * (W // phases[-1].stride))
         for n, phase in enumerate(phases):
             if n == 1 and subset:  # a polish fitting some pixels is judged on all of its finest grid's
                 finest = self.encode_queries(images, "rgb", phases[-1].stride)
@@ -218,7 +219,7 @@ class Refiner:
                     polish_before = self._loss_at(K, base @ se3_exp(delta), finest, H, W, phases[-1].stride, signal="rgb")
             target = first if n == 0 else self.encode_queries(images, phase.signal, phase.stride)
             report = progress if n == len(phases) - 1 else None
-            if phase.method == "lm":  # keeps only steps that lower its loss: nothing to undo
+            if phase.method == "lm":  # keeps only steps that lower its loss (a subset: judged after the loop)
                 converged = levenberg_marquardt_phase(self.model, K, base, target, H, W, phase.stride, phase.iters,
                                                       delta, failed, iters, self._tolerance(), self._max_step(),
                                                       cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays)
