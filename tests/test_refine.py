@@ -247,6 +247,22 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "fastnefes", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--polish-rays", "-1", "greater than or equal to 0"),
+    ("--iters", "many", "valid integer"),
+    ("--no-such-option", "1", "No such option"),
+])
+def test_bad_command_line_values_are_one_line_and_exit_2(tmp_path, option, value, expected):
+    """Values typer rejects (its click may be a vendored copy, not click's) go the way of every
+    user error: one line naming the option, exit code 2, no traceback."""
+    r = run_cli("refine", tmp_path / "run", "--data", tmp_path, "--init", tmp_path / "init.txt",
+                "--out", tmp_path / "refined.txt", option, value)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert option in lines[0] or option == "--no-such-option"
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tiny_scene, tmp_path_factory):
     """tiny_scene written to disk in the 7-Scenes layout."""

@@ -15,10 +15,21 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name.star
     importlib.import_module(f"{__name__}.{_mod}")
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+def _click_classes(name: str) -> tuple[type, ...]:
+    """click's exception class `name` and, where typer vendors its own copy of click (typer >= 0.2x,
+    whose exceptions do not derive from click's), that copy's class of the same name."""
     import click
+    import typer
 
+    found = {getattr(click.exceptions, name)}
+    for public in (typer.BadParameter, typer.Abort):
+        found.update(c for c in public.__mro__ if c.__name__ == name)
+    return tuple(found)
+
+
+def main() -> None:
+    """Entry point: user errors (ours and bad command-line values) become one line on stderr and
+    exit code 2."""
     from fastnefes.errors import FastnefesError
     from fastnefes.ops._allocator import keep_freed_memory_in_heap
 
@@ -28,10 +39,10 @@ def main() -> None:
     except FastnefesError as exc:
         console_err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except _click_classes("ClickException") as exc:
+        console_err.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _click_classes("Abort"):
         console_err.print("[yellow]aborted[/]")
         sys.exit(130)
     except KeyboardInterrupt:
