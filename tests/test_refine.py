@@ -132,8 +132,9 @@ def test_batched_and_single_agree(tiny_run, tiny_scene):
     # with the batch's shape can flip one and trajectories then part slowly; a mixed-up row,
     # shared optimiser state or cross-talk in the batched render moves a pose by whole steps.
     # The rotation search is checked on its own (test_rotation_search); polish iterations far
-    # from the truth part trajectories further, so this keeps the session-1 polish length.
-    cfg = RefineConfig(iters=5, coarse_iters=2, verify=False, search_pad=0.0, polish_iters=8)
+    # from the truth part trajectories further, so this keeps the session-1 polish length and
+    # levels (with a third, stride-8 level one query, sent 22 cm away, parted by 1.6 cm).
+    cfg = RefineConfig(iters=5, coarse_iters=2, verify=False, search_pad=0.0, polish_iters=8, polish_levels=2)
     batched = Refiner(model, cfg).refine(images, K, init)
     moved_t, moved_r = pose_errors(batched.poses, init)
     assert np.all(moved_r > 0.2)  # the comparison means something: every query moved
@@ -284,14 +285,14 @@ def test_refine_cli_round_trips_through_eval(tiny_run, tiny_data, tmp_path):
     gt = {scene.names[i]: scene.c2w[i] for i in test}
     write_poses(tmp_path / "init.txt", dict(zip(gt, perturb_poses(np.stack(list(gt.values())), 2.0, 0.03, seed=0))))
     r = run_cli("refine", run_dir, "--data", data, "--init", tmp_path / "init.txt", "--out", tmp_path / "refined.txt", "--iters", "8",
-                "--search-pad", "0.2", "--second-opinion", "--polish-rays", "100")
+                "--search-pad", "0.2", "--second-opinion", "--polish-rays", "100", "--polish-levels", "3")
     assert r.returncode == 0, r.stderr
     refined = read_poses(tmp_path / "refined.txt")
     assert list(refined) == list(gt)
     report = json.loads((tmp_path / "refined.json").read_text())
     assert {"p50", "p95"} <= set(report["latency_ms"]) and len(report["queries"]) == len(gt)
     assert report["config"]["search_pad"] == 0.2 and report["config"]["search_second_opinion"] is True
-    assert report["config"]["polish_rays"] == 100
+    assert report["config"]["polish_rays"] == 100 and report["config"]["polish_levels"] == 3
     r = run_cli("eval", "--gt", data, "--pred", tmp_path / "refined.txt", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]

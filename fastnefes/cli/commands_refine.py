@@ -60,6 +60,7 @@ def refine_command(
     second_opinion: Annotated[bool, typer.Option("--second-opinion", help="A query the rotation search turned also runs the feature phase from its initial pose and keeps the run with the lower loss (costs a phase for each such query; default off).")] = False,
     match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 0 = none).")] = None,
     restarts: Annotated[Optional[int], typer.Option("--restarts", min=0, help="Extra feature-phase runs from the initial pose (no coarse iterations, step sizes halved per restart); each query keeps its lowest-loss run (default 0).")] = None,
+    polish_levels: Annotated[Optional[int], typer.Option("--polish-levels", min=1, help="Polish pyramid levels, each at twice the stride of the next, down to --polish-stride (default 3: strides 8, 4, 2).")] = None,
     polish_rays: Annotated[Optional[int], typer.Option("--polish-rays", min=0, help="Rays fitted per query and polish level (default 1200): where a level has more pixels, one per block of the grid, the most textured (0 = every pixel).")] = None,
     polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).")] = False,
     device: DeviceOpt = "auto",
@@ -104,6 +105,8 @@ def refine_command(
         cfg.polish_iters = polish_iters
     if polish_stride is not None:
         cfg.polish_stride = polish_stride
+    if polish_levels is not None:
+        cfg.polish_levels = polish_levels
     if polish_rays is not None:
         cfg.polish_rays = polish_rays
     cfg.polish_luma = polish_luma
