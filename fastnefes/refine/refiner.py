@@ -10,11 +10,10 @@ A verification step keeps the initial pose when the feature phase did not lower 
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,33 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from fastnefes.geometry import se3_exp, se3_log
+from fastnefes.refine.apr_target import polish_apr_results, refine_apr_weights
 from fastnefes.refine.config import RefineConfig
 from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
 from fastnefes.refine.optim import BatchedAdam, lr_scale
+from fastnefes.refine.result import STATUS, QueryDiagnostics, RefineResult  # noqa: F401 (re-exported)
 from fastnefes.timing import section
-
-STATUS = ("converged", "max_iters", "kept_initial", "failed")
-
-
-@dataclass
-class QueryDiagnostics:
-    initial_loss: float  # the first phase's loss (features by default) at the initial pose
-    final_loss: float  # the same loss at the returned pose (the polish may raise it a little)
-    iterations: int
-    wall_time_s: float
-    status: str  # one of STATUS
-
-    def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.__dict__.items()}
-
-
-@dataclass
-class RefineResult:
-    poses: np.ndarray  # [B, 4, 4] refined camera-to-world, dataset frame
-    initial: np.ndarray  # [B, 4, 4] the starting poses (the APR's prediction for target "apr")
-    diagnostics: list[QueryDiagnostics] = field(default_factory=list)
-
 
 @dataclass(frozen=True)
 class Phase:
@@ -175,11 +154,11 @@ class Refiner:
         if self.config.target == "apr":
             if apr is None:
                 raise ValueError("target 'apr' needs an APR")
-            results = [self._refine_apr_one(images[i : i + 1], K[i : i + 1], apr) for i in range(len(images))]
+            results = [refine_apr_weights(self, images[i : i + 1], K[i : i + 1], apr) for i in range(len(images))]
             result = RefineResult(np.concatenate([r.poses for r in results]), np.concatenate([r.initial for r in results]),
                                   [d for r in results for d in r.diagnostics])
             if self.config.polish_iters > 0:  # the photometric polish then refines the APR's refined pose
-                result = self._polish_apr_result(images, K, result)
+                result = polish_apr_results(self, images, K, result)
             if progress:
                 progress(len(images))
             return result
@@ -195,7 +174,6 @@ class Refiner:
         phases = self.phases()
         delta = torch.zeros(B, 6, device=dev)  # se(3) increment on the initial pose, per query
         failed = torch.zeros(B, dtype=torch.bool)
-        converged = torch.zeros(B, dtype=torch.bool)
         iters = torch.zeros(B, dtype=torch.long)
         first = self.encode_queries(images, phases[0].signal, phases[0].stride)  # judges the result
         with torch.no_grad():
@@ -208,51 +186,10 @@ class Refiner:
         turned = ~(base == init).flatten(1).all(1)  # [B] queries the search turned
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, base, first, H, W, phases[0].stride, base_loss)
-        judged = None  # the first phase's loss at its own result (the verification's verdict)
-        subset = (len(phases) > 1 and cfg.polish_method == "lm"  # the LM polish fits polish_rays rays
-                  and 0 < cfg.polish_rays < (H // phases[-1].stride) * (W // phases[-1].stride))
-        for n, phase in enumerate(phases):
-            if n == 1 and subset:  # a polish fitting some pixels is judged on all of its finest grid's
-                finest = self.encode_queries(images, "rgb", phases[-1].stride)
-                polish_start = delta.clone()
-                with torch.no_grad():
-                    polish_before = self._loss_at(K, base @ se3_exp(delta), finest, H, W, phases[-1].stride, signal="rgb")
-            target = first if n == 0 else self.encode_queries(images, phase.signal, phase.stride)
-            report = progress if n == len(phases) - 1 else None
-            if phase.method == "lm":  # keeps only steps that lower its loss (a subset: judged after the loop)
-                converged = levenberg_marquardt_phase(self.model, K, base, target, H, W, phase.stride, phase.iters,
-                                                      delta, failed, iters, self._tolerance(), self._max_step(),
-                                                      cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays)
-                continue
-            guard = n > 0  # a later Adam phase is undone for a query whose loss it did not lower
-            if guard:
-                start = delta.clone()
-                with torch.no_grad():
-                    before = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
-            converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
-            if n == 0 and cfg.search_second_opinion and bool(turned.any()):
-                # A turn can mimic a sideways offset: the unturned run, unchanged, as a second opinion.
-                converged = self._keep_better_run(phase, K, base, init, target, H, W, delta, failed, iters,
-                                                  converged, turned.nonzero()[:, 0])
-            for k in range(cfg.restarts if n == 0 else 0):
-                # From the initial pose, not the search's turn; no coarse iterations, step sizes halved per restart.
-                variant = replace(phase, coarse_iters=0, lr_fraction=phase.lr_fraction * 0.5**k)
-                converged = self._keep_better_run(variant, K, base, init, target, H, W, delta, failed, iters,
-                                                  converged, torch.arange(B, device=dev))
-            if n == 0 and phase.iters > 0 and len(phases) > 1:  # alone, its result is the final pose
-                with torch.no_grad():
-                    judged = self._loss_at(K, base @ se3_exp(delta), first, H, W, phase.stride, signal=phase.signal)
-            if guard:
-                with torch.no_grad():
-                    after = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
-                undo = ~(after < before) & ~failed.to(dev)
-                delta[undo] = start[undo]
-
-        if subset:
-            with torch.no_grad():
-                after = self._loss_at(K, base @ se3_exp(delta), finest, H, W, phases[-1].stride, signal="rgb")
-            undo = ~(after < polish_before) & ~failed.to(dev)
-            delta[undo] = polish_start[undo]
+        converged, judged = self._first_phase(phases[0], K, base, init, first, H, W, delta, failed, iters, turned,
+                                              alone=len(phases) == 1, progress=progress if len(phases) == 1 else None)
+        if len(phases) > 1:
+            converged = self._polish(images, phases[1:], K, base, H, W, delta, failed, iters, progress)
         final = base @ se3_exp(delta)
         with torch.no_grad():  # reported: the first phase's loss at the returned pose
             final_loss = self._loss_at(K, final, first, H, W, phases[0].stride, signal=phases[0].signal)
@@ -274,6 +211,64 @@ class Refiner:
                 st = "kept_initial"
             diags.append(QueryDiagnostics(float(initial_loss[i]), float(final_loss[i]), int(iters[i]), wall, st))
         return RefineResult(out, init.double().cpu().numpy(), diags)
+
+    def _first_phase(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, turned, alone: bool,
+                     progress) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The first (feature) phase with its optional second runs; returns (converged [B], its
+        loss at its own result [B], the verification's verdict; None when it is the final pose)."""
+        cfg = self.config
+        converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, progress)
+        if cfg.search_second_opinion and bool(turned.any()):
+            # A turn can mimic a sideways offset: the unturned run, unchanged, as a second opinion.
+            converged = self._keep_better_run(phase, K, base, init, target, H, W, delta, failed, iters, converged,
+                                              turned.nonzero()[:, 0])
+        for k in range(cfg.restarts):
+            # From the initial pose, not the search's turn; no coarse iterations, step sizes halved per restart.
+            variant = replace(phase, coarse_iters=0, lr_fraction=phase.lr_fraction * 0.5**k)
+            converged = self._keep_better_run(variant, K, base, init, target, H, W, delta, failed, iters, converged,
+                                              torch.arange(delta.shape[0], device=delta.device))
+        if alone or phase.iters == 0:
+            return converged, None
+        with torch.no_grad():
+            judged = self._loss_at(K, base @ se3_exp(delta), target, H, W, phase.stride, signal=phase.signal)
+        return converged, judged
+
+    def _polish(self, images, phases: list[Phase], K, base, H, W, delta, failed, iters, progress) -> torch.Tensor:
+        """The photometric phases after the first, coarse to fine, on delta [B, 6] in place;
+        returns converged [B]. Each only keeps what lowers its loss: an Adam phase is undone for a
+        query whose loss it did not lower, an LM phase keeps only such steps, and LM phases that
+        fit a subset of the rays (polish_rays) are judged together on every pixel of the finest
+        grid, since lowering the subset's loss can raise the other pixels'."""
+        cfg = self.config
+        fine = phases[-1].stride
+        finest = self.encode_queries(images, "rgb", fine)
+        subset = cfg.polish_method == "lm" and 0 < cfg.polish_rays < (H // fine) * (W // fine)
+        converged = torch.zeros(delta.shape[0], dtype=torch.bool)
+        with self._undone_unless_lower(K, base, delta, failed, finest, H, W, fine, "rgb") if subset else nullcontext():
+            for n, phase in enumerate(phases):
+                target = finest if phase.stride == fine else self.encode_queries(images, phase.signal, phase.stride)
+                report = progress if n == len(phases) - 1 else None
+                if phase.method == "lm":
+                    converged = levenberg_marquardt_phase(self.model, K, base, target, H, W, phase.stride, phase.iters,
+                                                          delta, failed, iters, self._tolerance(), self._max_step(),
+                                                          cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays)
+                    continue
+                with self._undone_unless_lower(K, base, delta, failed, target, H, W, phase.stride, phase.signal):
+                    converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
+        return converged
+
+    @contextmanager
+    def _undone_unless_lower(self, K, base, delta, failed, target, H, W, stride: int, signal: str):
+        """Context: what the block does to delta [B, 6] (in place) is undone for each query whose
+        loss against target at stride it did not lower (failed queries are left as they are)."""
+        start = delta.clone()
+        with torch.no_grad():
+            before = self._loss_at(K, base @ se3_exp(delta), target, H, W, stride, signal=signal)
+        yield
+        with torch.no_grad():
+            after = self._loss_at(K, base @ se3_exp(delta), target, H, W, stride, signal=signal)
+        undo = ~(after < before) & ~failed.to(delta.device)
+        delta[undo] = start[undo]
 
     def _keep_better_run(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, converged, rows
                          ) -> torch.Tensor:
@@ -396,60 +391,3 @@ class Refiner:
             if progress:
                 progress(int((~active).sum()))
         return converged
-
-    def _polish_apr_result(self, images, K, result: RefineResult) -> RefineResult:
-        """Pose-target polish (no feature iterations) from the APR-refined poses; the
-        verification still compares against the APR's own prediction."""
-
-        polish = Refiner(self.model, replace(self.config, target="pose", iters=0))
-        polished = polish._refine_poses(images, K, result.poses, None)
-        diags = []
-        for d, p in zip(result.diagnostics, polished.diagnostics):
-            took = p.status in ("converged", "max_iters")  # else the polish kept the APR-refined pose
-            diags.append(QueryDiagnostics(d.initial_loss, p.final_loss if took else d.final_loss,
-                                          d.iterations + p.iterations, d.wall_time_s + p.wall_time_s,
-                                          p.status if took else d.status))
-        return RefineResult(polished.poses, result.initial, diags)
-
-    def _refine_apr_one(self, image, K_np, apr) -> RefineResult:
-        """NeFeS's default target: Adam on a per-query copy of the APR's weights."""
-        cfg = self.config
-        t0 = time.perf_counter()
-        H, W = image.shape[1:3]
-        dev = self.device
-        K = torch.as_tensor(K_np, dtype=torch.float32, device=dev)
-        target = self.encode_queries(image)
-        stride = self.stride()
-        local = copy.deepcopy(apr).to(dev).eval()  # BN statistics frozen; only this copy changes
-        from fastnefes.apr.model import prepare_images
-
-        x = prepare_images(image, local.image_hw).to(dev)
-        opt = torch.optim.Adam(local.parameters(), lr=cfg.lr_apr)
-        with torch.no_grad():
-            init = local(x).float()
-            initial_loss = self._loss_at(K, init, target, H, W, stride)
-        status, its = "max_iters", 0
-        best = (float(initial_loss[0]), init)
-        for it in range(cfg.iters):
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr_apr * lr_scale(cfg.iters, it, cfg.lr_final_fraction)
-            factor = cfg.coarse_factor if it < cfg.coarse_iters else 1
-            pose = local(x).float()
-            loss = self._loss_at(K, pose, target, H, W, stride, factor)
-            its += 1
-            if not torch.isfinite(loss).all():
-                status = "failed"
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            opt.step()
-        with torch.no_grad():
-            final = local(x).float()
-            final_loss = self._loss_at(K, final, target, H, W, stride)
-        fl = float(final_loss[0])
-        keep = status == "failed" or not math.isfinite(fl) or not torch.isfinite(final).all() or (cfg.verify and fl >= best[0])
-        if keep and status != "failed":
-            status = "kept_initial"
-        pose = (init if keep else final).double().cpu().numpy()
-        diag = QueryDiagnostics(best[0], fl, its, time.perf_counter() - t0, status)
-        return RefineResult(pose, init.double().cpu().numpy(), [diag])
