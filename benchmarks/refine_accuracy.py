@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -68,7 +69,8 @@ def main() -> None:
     truth = {n: g for n, g in zip(names, gt)}
     report = {
         "device": str(device), "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "run": args.run, "data": args.data, "queries": len(names),
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "run": args.run, "data": args.data, "queries": len(names),
         "perturbation": {"rot_deg": args.rot_deg, "trans": args.trans, "seed": args.seed},
         "config": cfg.to_dict(), "batch": args.batch, "wall_s": wall,
         "before": evaluate_poses(truth, dict(zip(names, init))).summary(),

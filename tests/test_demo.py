@@ -16,7 +16,8 @@ from fastnefes.geometry import read_poses
 
 @pytest.fixture
 def small_plan(monkeypatch):
-    plan = demo.DemoPlan(width=48, height=36, n_train=12, n_test=3, field_steps=60, apr_epochs=None, refine_batch=3)
+    plan = demo.DemoPlan(width=48, height=36, n_train=12, n_test=3, field_steps=60, apr_epochs=None, refine_batch=3,
+                         batch_samples=4096)
     monkeypatch.setitem(demo.PLANS, "quick", plan)
     return plan
 
@@ -40,6 +41,7 @@ def test_quick_demo_writes_the_pipeline_and_the_table(small_plan, tmp_path, monk
     for picture in summary["pictures"]:
         assert open(picture, "rb").read(4) == b"\x89PNG"
     assert (out / "run" / "model.safetensors").exists() and (out / "refined.json").exists()
+    assert json.loads((out / "run" / "config.json").read_text())["train"]["batch_samples"] == 4096  # the plan's
     with pytest.raises(FastnefesError, match="not empty"):
         demo.run_demo(out, quick=True, seed=1, say=said.append)
 
