@@ -26,7 +26,7 @@ from fastnefes.refine.config import RefineConfig
 from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
 from fastnefes.refine.optim import BatchedAdam, lr_scale
-from fastnefes.refine.result import STATUS, QueryDiagnostics, RefineResult  # noqa: F401 (re-exported)
+from fastnefes.refine.result import QueryDiagnostics, RefineResult
 from fastnefes.timing import section
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class Refiner:
         if cfg.match_rounds > 0 and phases[0].signal == "features":
             base = self._match_start(K, base, first, H, W, phases[0].stride, base_loss)
         converged, judged = self._first_phase(phases[0], K, base, init, first, H, W, delta, failed, iters, turned,
-                                              alone=len(phases) == 1, progress=progress if len(phases) == 1 else None)
+                                              alone=len(phases) == 1, progress=progress)
         if len(phases) > 1:
             converged = self._polish(images, phases[1:], K, base, H, W, delta, failed, iters, progress)
         final = base @ se3_exp(delta)
@@ -215,9 +215,10 @@ class Refiner:
     def _first_phase(self, phase: Phase, K, base, init, target, H, W, delta, failed, iters, turned, alone: bool,
                      progress) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The first (feature) phase with its optional second runs; returns (converged [B], its
-        loss at its own result [B], the verification's verdict; None when it is the final pose)."""
+        loss at its own result [B], the verification's verdict; None when it is the final pose).
+        progress is reported only when it is alone (else the last polish phase reports)."""
         cfg = self.config
-        converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, progress)
+        converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, progress if alone else None)
         if cfg.search_second_opinion and bool(turned.any()):
             # A turn can mimic a sideways offset: the unturned run, unchanged, as a second opinion.
             converged = self._keep_better_run(phase, K, base, init, target, H, W, delta, failed, iters, converged,
