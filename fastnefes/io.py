@@ -46,13 +46,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_text(path: str | os.PathLike, what: str = "a text file") -> str:
+    """The UTF-8 text of a user's file (a byte-order mark is dropped); FastnefesError naming the
+    file when it is missing, a folder, or not text."""
     path = Path(path)
     if not path.is_file():
-        raise FastnefesError(f"{path}: file not found (expected a JSON file)")
+        raise FastnefesError(f"{path}: {'is a folder' if path.is_dir() else 'file not found'} (expected {what})")
+    data = path.read_bytes()
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise FastnefesError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}; expected {what})") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise FastnefesError(f"{path}:{line}: binary data (a NUL byte; expected {what})")
+    return text
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    text = read_text(path, "a JSON file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise FastnefesError(f"{path}: not valid JSON ({exc})") from None
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
+from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
 from fastnefes.errors import FastnefesError
 
 apr_app = typer.Typer(help="The built-in absolute pose regressor (coarse poses for refinement).", no_args_is_help=True)
@@ -44,10 +44,11 @@ def errors_table(title: str, rows: dict[str, dict]) -> Table:
 def train_command(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", help="APR folder to write (config.json + model.safetensors).")],
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs (default 200).")] = None,
     minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Train for this many minutes instead of a number of epochs.")] = None,
     input_height: Annotated[Optional[int], typer.Option("--input-height", min=16, help="APR input image height (width keeps the aspect).")] = None,
@@ -70,7 +71,7 @@ def train_command(
     if input_height is not None:
         config = replace(config, input_height=input_height)
     dev = resolve_device(device)
-    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    scene = load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses, run=field)
     novel = novel_views_from_run(field, scene, dev) if field is not None else None
     metrics = train_apr(scene, out, config, novel_views=novel, progress=True, device=dev)
     rows = {"train": metrics["train"], **({"test": metrics["test"]} if "test" in metrics else {})}
@@ -84,10 +85,11 @@ def predict_command(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder whose images to localise.")],
     out: Annotated[Path, typer.Option("--out", help="Pose file to write (NAME qw qx qy qz tx ty tz).")],
     split: SplitOpt = "test",
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Predict the poses of a split's images; with ground truth, print their errors."""
@@ -97,7 +99,7 @@ def predict_command(
     from fastnefes.geometry import write_poses
 
     apr = load_apr(apr_dir, resolve_device(device))
-    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    scene = load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses)
     check_scene(apr, scene)
     idx, pred = predict_split(apr, scene, split)
     if not idx:

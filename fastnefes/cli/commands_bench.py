@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, load_scene_from_options
+from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, load_scene_from_options
 from fastnefes.errors import FastnefesError
 
 bench_app = typer.Typer(help="Latency and training-speed benchmarks, fastnefes (hash) against NeFeS's design (mlp).",
@@ -150,10 +150,11 @@ def bench_train_command(
     val_views: Annotated[int, typer.Option("--val-views", min=1, help="Validation views (val split, else test).")] = 4,
     config: ConfigOpt = "{}",
     json_out: JsonOpt = None,
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     save_runs: Annotated[Optional[Path], typer.Option("--save-runs", help="Save each trained field as a run: DIR/hash, DIR/mlp (for `bench refine`).")] = None,
@@ -179,7 +180,7 @@ def bench_train_command(
         taken = [save_runs / a for a in arch_list if (save_runs / a / "model.safetensors").exists()]
         if taken:
             raise FastnefesError(f"--save-runs {save_runs}: {taken[0]} already holds a run")
-    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    scene = load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses)
     if not scene.split("train"):
         raise FastnefesError(f"{data}: no training images (the train split is empty)")
     with Progress(TextColumn("[bold]{task.description:<6}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -218,10 +219,11 @@ def bench_refine_command(
     breakdown_iters: Annotated[int, typer.Option("--breakdown-iters", min=1, help="Iterations timed for the per-iteration breakdown.")] = 10,
     config: ConfigOpt = "{}",
     json_out: JsonOpt = None,
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
@@ -245,7 +247,7 @@ def bench_refine_command(
                             batch_sizes=tuple(_numbers(batch_sizes, "--batch-sizes", int)),
                             throughput_iters=throughput_iters, throughput_polish=throughput_polish, refine=overrides)
     torch_device = resolve_device(device)
-    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    scene = load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses, run=run)
     models = {}
     for path in [run] + ([baseline] if baseline is not None else []):
         model, _ = load_run(path, torch_device)

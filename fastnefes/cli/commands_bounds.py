@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fastnefes.cli.app import app, console
 from fastnefes.cli.commands_refine import load_refinement_inputs, progress_bar
-from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt
+from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt
 
 
 @app.command("bounds")
@@ -27,10 +27,11 @@ def bounds_command(
     second_opinion: Annotated[bool, typer.Option("--second-opinion", help="With the search: turned queries also run from their initial pose (see refine's --second-opinion).")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "auto",
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
 ) -> None:
     """Perturb ground-truth poses by a sweep of magnitudes, refine, plot error after vs before."""
     from fastnefes.errors import FastnefesError
@@ -44,7 +45,7 @@ def bounds_command(
         raise FastnefesError(f"--signals {signals!r}: expected a comma-separated list of features, rgb")
     if out.suffix.lower() != ".png":
         raise FastnefesError(f"--out {out}: expected a .png path")
-    model, scene = load_refinement_inputs(run, data, format, downscale, max_side, focal, device)
+    model, scene = load_refinement_inputs(run, data, device, format, downscale, max_side, focal, sfm_poses)
     scale = 1.0 / float(model.normalization.scale)
     sweeps = default_sweeps(scale)
     total = len(sigs) * sum(len(v) for v in sweeps.values())

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from fastnefes.cli.app import app, console, console_err
-from fastnefes.cli.options import DataArg, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
+from fastnefes.cli.options import DataArg, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
 from fastnefes.errors import FastnefesError
 
 
@@ -37,13 +37,14 @@ def poses_command(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", help="Pose file to write (NAME qw qx qy qz tx ty tz).")],
     split: SplitOpt = "test",
-    format: FormatOpt = "auto",
+    format: FormatOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
 ) -> None:
     """Export a split's ground-truth poses as a pose file (world-to-camera, dataset frame)."""
     from fastnefes.geometry import write_poses
 
-    scene = load_scene_from_options(data, format, 1, None, focal)
+    scene = load_scene_from_options(data, format, None, None, focal, sfm_poses)
     poses = scene_poses(scene, split)
     write_poses(out, poses)
     console.print(f"wrote {len(poses)} {split} poses of {scene.format} scene {data} to {out}")
@@ -92,12 +93,13 @@ def evaluation_table(title: str, columns: dict[str, dict]) -> Table:
     return table
 
 
-def load_ground_truth(gt: Path, split: str, format: str, focal: Optional[float]) -> dict[str, np.ndarray]:
+def load_ground_truth(gt: Path, split: str, format: Optional[str], focal: Optional[float],
+                      sfm_poses: Optional[list[Path]] = None) -> dict[str, np.ndarray]:
     """A pose file, or a dataset folder's split."""
     from fastnefes.geometry import read_poses
 
     if gt.is_dir():
-        return scene_poses(load_scene_from_options(gt, format, 1, None, focal), split)
+        return scene_poses(load_scene_from_options(gt, format, None, None, focal, sfm_poses), split)
     return read_poses(gt)
 
 
@@ -107,8 +109,9 @@ def eval_command(
     pred: Annotated[Path, typer.Option("--pred", help="Predicted pose file.")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the numbers as JSON.")] = None,
     split: SplitOpt = "test",
-    format: FormatOpt = "auto",
+    format: FormatOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
     thresholds: Annotated[Optional[str], typer.Option("--thresholds", help="Recall thresholds TRANS:DEG,... in dataset units (default 0.02:2,0.05:5,0.1:10).")] = None,
 ) -> None:
     """Median / mean pose errors and recalls of predicted poses against ground truth."""
@@ -116,7 +119,7 @@ def eval_command(
     from fastnefes.geometry import read_poses
     from fastnefes.io import write_json
 
-    gt_poses = load_ground_truth(gt, split, format, focal)
+    gt_poses = load_ground_truth(gt, split, format, focal, sfm_poses)
     pred_poses = read_poses(pred)
     th = parse_thresholds(thresholds) if thresholds else DEFAULT_THRESHOLDS
     result = evaluate_poses(gt_poses, pred_poses, th)

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
+from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
 from fastnefes.errors import FastnefesError
 
 
@@ -19,13 +19,15 @@ def progress_bar() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
-def load_refinement_inputs(run: Path, data: Path, format: str, downscale: int, max_side, focal, device: str):
-    """(model, scene) with the run's model on the resolved device."""
+def load_refinement_inputs(run: Path, data: Path, device: str, *data_options):
+    """(model, scene) with the run's model on the resolved device; data_options as
+    load_scene_from_options's (format, downscale, max_side, focal, sfm_poses), each unset one
+    taken from the run's record."""
     from fastnefes.train.run import load_run
     from fastnefes.train.trainer import resolve_device
 
     model, _ = load_run(run, resolve_device(device))
-    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    scene = load_scene_from_options(data, *data_options, run=run)
     return model, scene
 
 
@@ -64,10 +66,11 @@ def refine_command(
     polish_rays: Annotated[Optional[int], typer.Option("--polish-rays", min=0, help="Rays fitted per query and polish level (default 1200): where a level has more pixels, one per block of the grid, the most textured (0 = every pixel).")] = None,
     polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).")] = False,
     device: DeviceOpt = "auto",
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
 ) -> None:
     """Refine initial poses of a split; writes the pose file plus diagnostics and latency."""
     import numpy as np
@@ -87,7 +90,7 @@ def refine_command(
     if target == "apr" and apr is None:
         raise FastnefesError("--target apr needs --apr (an APR directory from fastnefes apr train)")
 
-    model, scene = load_refinement_inputs(run, data, format, downscale, max_side, focal, device)
+    model, scene = load_refinement_inputs(run, data, device, format, downscale, max_side, focal, sfm_poses)
     apr_model = None
     if target == "apr":
         from fastnefes.apr import check_scene, load_apr

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
+from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
 from fastnefes.errors import FastnefesError
 
 RunOut = Annotated[Path, typer.Option("--out", help="Run directory to write (config.json, model.safetensors, metrics.json).")]
@@ -41,10 +41,11 @@ def _end_table(metrics: dict) -> Table:
 def train_field_command(
     data: DataArg,
     out: RunOut,
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps (default: the config's).")] = None,
     minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Train for this many minutes instead of a step count.")] = None,
     device: DeviceOpt = "auto",
@@ -60,11 +61,13 @@ def train_field_command(
     from fastnefes.train.run import configure_distill
     from fastnefes.train.sampler import require_depth
     from fastnefes.train.trainer import resolve_device
+    from fastnefes.data.options import as_options
 
     if steps is not None and minutes is not None:
         raise FastnefesError("give --steps or --minutes, not both")
     torch_device = resolve_device(device)  # fails early for --device cuda without CUDA
-    scene = load_scene_from_options(data, format, downscale, max_side, focal)
+    data_options = as_options(format, downscale, max_side, focal, sfm_poses)
+    scene = data_options.load(data)
     if not scene.split("train"):
         raise FastnefesError(f"{data}: no training images (the train split is empty)")
     config = TrainConfig.for_arch(arch, seed=seed, device=str(torch_device), depth_weight=depth_weight)
@@ -96,7 +99,7 @@ def train_field_command(
             bar.update(task, completed=event["fraction"], description=STAGES[event["stage"]], info=info)
 
         _, metrics = train(scene, config, out, resume=resume, extractor=extractor_module, extractor_path=extractor_path,
-                           progress=on_event)
+                           progress=on_event, data_options=data_options)
         bar.update(task, completed=1.0)
     console.print(_end_table(metrics))
     console.print(f"run written to {out}")
@@ -108,17 +111,18 @@ def render_command(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder (the one the run was trained on).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs and render.json.")],
     split: SplitOpt = "val",
-    format: FormatOpt = "auto",
-    downscale: DownscaleOpt = 1,
+    format: FormatOpt = None,
+    downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
+    sfm_poses: SfmPosesOpt = None,
     device: DeviceOpt = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Render only the first N images of the split.")] = None,
 ) -> None:
     """Render a split: RGB, depth and PCA-coloured feature PNGs, a contact sheet, PSNR / SSIM."""
     from fastnefes.train.run import render_split
 
-    result = render_split(run, load_scene_from_options(data, format, downscale, max_side, focal), split, out,
+    result = render_split(run, load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses, run=run), split, out,
                           device=device, limit=limit)
     table = Table(title=f"render {split}")
     for col in ("images", "PSNR", "PSNR (ACT)", "SSIM"):

@@ -15,6 +15,7 @@ import numpy as np
 from fastnefes.errors import FastnefesError
 from fastnefes.geometry.cameras import invert_pose
 from fastnefes.geometry.lie import quat_to_rotmat, rotmat_to_quat
+from fastnefes.io import read_text
 
 QUAT_NORM_TOL = 1e-3
 
@@ -46,7 +47,7 @@ def read_poses(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FastnefesError(f"{path}: pose file not found")
     poses: dict[str, np.ndarray] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "a pose file (NAME qw qx qy qz tx ty tz)").splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 import fastnefes
 from fastnefes.data.normalize import SceneNormalization, compute_normalization
+from fastnefes.data.options import DataOptions
 from fastnefes.data.scene import Scene
 from fastnefes.errors import FastnefesError
 from fastnefes.field.encoder import file_sha256, load_torchscript, probe_extractor
@@ -56,14 +57,29 @@ def configure_distill(config: TrainConfig, extractor_path: str | Path, feature_d
     return module
 
 
-def write_config(run_dir: Path, config: TrainConfig, normalization: SceneNormalization, scene_info: dict[str, Any]) -> None:
+def write_config(run_dir: Path, config: TrainConfig, normalization: SceneNormalization, scene_info: dict[str, Any],
+                 data_options: Optional[dict[str, Any]] = None) -> None:
     write_json(run_dir / CONFIG_FILE, {
         "format_version": fastnefes.RUN_FORMAT_VERSION,
         "fastnefes_version": fastnefes.__version__,
         "train": config.to_dict(),
         "normalization": normalization.to_dict(),
         "scene": scene_info,
+        "data": data_options or {},
     })
+
+
+def read_data_options(run_dir: str | Path, data_root: str | Path) -> Optional[DataOptions]:
+    """The data options a run was trained with (None for a run without a record); relative
+    pose-list paths resolve against data_root, the data folder given now."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None  # load_run reports the missing run
+    config = read_json(path)
+    record = config.get("data") if isinstance(config, dict) else None
+    if not record:
+        return None
+    return DataOptions.from_record(record, data_root, where=str(path))
 
 
 def read_config(run_dir: Path) -> tuple[TrainConfig, SceneNormalization, dict[str, Any]]:
@@ -193,14 +209,15 @@ def metrics_summary(state: TrainState, config: TrainConfig) -> dict[str, Any]:
 
 def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = None, *, resume: bool = False,
           extractor: Optional[torch.nn.Module] = None, extractor_path: Optional[str | Path] = None,
-          progress: Optional[Callable[[dict], None]] = None, stop_at_step: Optional[int] = None
-          ) -> tuple[FeatureFieldModel, dict[str, Any]]:
+          progress: Optional[Callable[[dict], None]] = None, stop_at_step: Optional[int] = None,
+          data_options: Optional[DataOptions] = None) -> tuple[FeatureFieldModel, dict[str, Any]]:
     """Train (or resume) a feature field; returns (model in eval mode, metrics).
 
     run_dir: where config.json / model.safetensors / metrics.json go (None: nothing is written).
     resume: continue from run_dir's checkpoint with its saved config (`config` is ignored).
     extractor / extractor_path: distill mode (see configure_distill); the file is copied in.
     stop_at_step: stop after this many steps, as an interrupted run would.
+    data_options: how `scene` was loaded, recorded so later commands on the run load it alike.
     progress: called with {'event': 'step' | 'val' | 'checkpoint' | 'done', ...}.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -227,7 +244,8 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
         if extractor_path is not None:
             copy_extractor(run_dir, extractor_path)
         write_config(run_dir, config, normalization, {"root": str(scene.root), "format": scene.format,
-                                                      "n_train": config.model.n_images})
+                                                      "n_train": config.model.n_images},
+                     (data_options or DataOptions()).to_record(scene.root, scene.format))
 
     def checkpoint() -> None:
         save_checkpoint(run_dir, model, trainer.optimizer, trainer.sampler.generator, trainer.state.to_dict(),

@@ -42,7 +42,7 @@ from fastnefes.data.formats import (
 from fastnefes.data.scene import Scene
 from fastnefes.errors import FastnefesError
 from fastnefes.geometry import invert_pose, make_intrinsics, quat_to_rotmat, rotmat_to_quat
-from fastnefes.io import write_image, write_text
+from fastnefes.io import read_text, write_image, write_text
 
 LIST_FILES = {"train": "dataset_train.txt", "test": "dataset_test.txt"}
 LIST_HEADER = "Visual Landmark Dataset V1\nImageFile, Camera Position [X Y Z W P Q R]\n\n"
@@ -79,7 +79,7 @@ def read_list(path: Path) -> list[tuple[str, np.ndarray, str]]:
     if not path.is_file():
         raise FastnefesError(f"{path}: file not found (Cambridge Landmarks needs dataset_train.txt and dataset_test.txt)")
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines()[3:], start=4):
+    for lineno, line in enumerate(read_text(path, "a Cambridge dataset list").splitlines()[3:], start=4):
         fields = line.split()
         if not fields:
             continue
@@ -95,7 +95,7 @@ def read_list(path: Path) -> list[tuple[str, np.ndarray, str]]:
 def read_nvm(path: Path, with_points: bool = True):
     """Cameras {key: (focal, camera-to-world [4, 4])} (key: name without extension) and points
     [M, 3] (or None) of the first model in an NVM_V3 file."""
-    lines = path.read_text().splitlines()
+    lines = read_text(path, "an NVM_V3 file").splitlines()
     if not lines or not lines[0].startswith("NVM_V3"):
         raise FastnefesError(f"{path}:1: expected an NVM_V3 header, found {lines[0][:40] if lines else ''!r}")
     if lines[0].startswith("NVM_V3_R9T"):

@@ -39,7 +39,7 @@ from fastnefes.data.formats import (
 from fastnefes.data.scene import Scene
 from fastnefes.errors import FastnefesError
 from fastnefes.geometry import invert_pose, make_intrinsics, quat_to_rotmat, rotmat_to_quat
-from fastnefes.io import atomic_path, write_image, write_text
+from fastnefes.io import atomic_path, read_text, write_image, write_text
 
 # id -> (name, number of params); the ids are COLMAP's.
 CAMERA_MODELS = {
@@ -128,7 +128,7 @@ class _Reader:
 
 
 def _text_rows(path: Path):
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "a COLMAP text file").splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
             yield lineno, line.split()
 
@@ -180,7 +180,7 @@ def read_images(path: Path) -> dict[int, ColmapImage]:
             _check_qvec(v[:4], f"{path}: image {name!r}")
             images[iid] = ColmapImage(iid, v[:4], v[4:], cid, name, flat[:, :2], flat[:, 2].astype(np.int64))
         return images
-    rows = path.read_text().splitlines()
+    rows = read_text(path, "a COLMAP text file").splitlines()
     k = 0
     while k < len(rows):
         line = rows[k].strip()
@@ -303,7 +303,7 @@ def _find_model_dir(root: Path, model_dir) -> Path:
 
 def _read_test_list(path: Path, known: set[str]) -> set[str]:
     names = set()
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "a COLMAP text file").splitlines(), start=1):
         name = line.strip().removeprefix("./")
         if not name or name.startswith("#"):
             continue

@@ -2,7 +2,7 @@
 
 Layout (as released):
     TrainSplit.txt, TestSplit.txt          lines `sequence1`, `sequence2`, ... -> seq-01, seq-02
-    seq-XX/frame-XXXXXX.color.png          RGB
+    seq-XX/frame-XXXXXX.color.png          RGB (.color.jpg as public copies often store it)
     seq-XX/frame-XXXXXX.pose.txt           4x4 camera-to-world (OpenCV axes), 4 text rows
     seq-XX/frame-XXXXXX.depth.png          optional, uint16 millimetres, 65535 = invalid
 
@@ -47,7 +47,7 @@ from fastnefes.data.scene import Scene
 from fastnefes.errors import FastnefesError
 from fastnefes.geometry import make_intrinsics
 from fastnefes.geometry.posefile import parse_pose_line
-from fastnefes.io import write_image, write_text
+from fastnefes.io import read_text, write_image, write_text
 
 SPLIT_FILES = {"train": "TrainSplit.txt", "test": "TestSplit.txt"}
 DEFAULT_FOCAL = 585.0  # at 640 px width
@@ -66,7 +66,7 @@ def read_split_file(path: Path) -> list[str]:
     if not path.is_file():
         raise FastnefesError(f"{path}: split file not found (7-Scenes needs TrainSplit.txt and TestSplit.txt)")
     seqs = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "a 7-Scenes split file").splitlines(), start=1):
         text = line.strip()
         if not text:
             continue
@@ -81,7 +81,7 @@ def read_pose_txt(path: Path) -> np.ndarray:
     """A 7-Scenes .pose.txt: 4x4 camera-to-world, checked to be a rigid transform."""
     if not path.is_file():
         raise FastnefesError(f"{path}: pose file not found")
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    rows = [line.split() for line in read_text(path, "a 4x4 pose").splitlines() if line.strip()]
     if len(rows) != 4 or any(len(r) != 4 for r in rows):
         counts = [len(r) for r in rows]
         raise FastnefesError(f"{path}: expected 4 rows of 4 numbers (4x4 camera-to-world), found rows of {counts}")
@@ -100,7 +100,7 @@ def read_sfm_poses(paths: Sequence[Path]) -> dict[str, tuple[np.ndarray, float]]
         path = Path(path)
         if not path.is_file():
             raise FastnefesError(f"{path}: SfM pose file not found")
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(read_text(path, "an SfM pose list").splitlines(), start=1):
             text = line.strip()
             if not text or text.startswith("#"):
                 continue
@@ -119,23 +119,40 @@ def read_sfm_poses(paths: Sequence[Path]) -> dict[str, tuple[np.ndarray, float]]
     return out
 
 
+COLOR_SUFFIXES = (".color.png", ".color.jpg", ".color.jpeg")  # public copies often re-encode as JPEG
+
+
 def _sequence_frames(root: Path, seq: str, split_file: Path) -> list[str]:
+    """The colour images of one sequence, `seq-XX/frame-XXXXXX.color.{png,jpg}`, sorted."""
     folder = root / seq
     if not folder.is_dir():
         hint = f" ({seq}.zip is there: unzip it)" if (root / f"{seq}.zip").is_file() else ""
         raise FastnefesError(f"{folder}: sequence folder listed in {split_file.name} not found{hint}")
     files = os.listdir(folder)
-    colors = sorted(f[: -len(".color.png")] for f in files if f.endswith(".color.png"))
+    colors: dict[str, str] = {}
+    for f in files:
+        suffix = next((s for s in COLOR_SUFFIXES if f.lower().endswith(s)), None)
+        if suffix is None:
+            continue
+        stem = f[: -len(suffix)]
+        if stem in colors:
+            raise FastnefesError(f"{folder / f}: frame {stem} has two colour images ({colors[stem]} and {f}); keep one")
+        colors[stem] = f
     poses = {f[: -len(".pose.txt")] for f in files if f.endswith(".pose.txt")}
-    for stem in colors:
+    for stem in sorted(colors):
         if stem not in poses:
-            raise FastnefesError(f"{folder / (stem + '.color.png')}: image without pose (expected {stem}.pose.txt)")
+            raise FastnefesError(f"{folder / colors[stem]}: image without pose (expected {stem}.pose.txt)")
     extra = sorted(poses.difference(colors))
     if extra:
-        raise FastnefesError(f"{folder / (extra[0] + '.pose.txt')}: pose without image (expected {extra[0]}.color.png)")
+        raise FastnefesError(f"{folder / (extra[0] + '.pose.txt')}: pose without image (expected {extra[0]}.color.png or .color.jpg)")
     if not colors:
-        raise FastnefesError(f"{folder}: no frame-XXXXXX.color.png images found")
-    return [f"{seq}/{stem}" for stem in colors]
+        raise FastnefesError(f"{folder}: no frame-XXXXXX.color.png (or .color.jpg) images found")
+    return [f"{seq}/{colors[stem]}" for stem in sorted(colors)]
+
+
+def _stem(name: str) -> str:
+    """'seq-01/frame-000000.color.jpg' -> 'seq-01/frame-000000'."""
+    return next(name[: -len(s)] for s in COLOR_SUFFIXES if name.lower().endswith(s))
 
 
 def load_7scenes(
@@ -149,16 +166,16 @@ def load_7scenes(
     """Load a 7-Scenes scene folder (see the module docstring). Returns an OpenCV-axes Scene."""
     check_resolution_options(downscale, max_side)
     root = require_dir(Path(root), "a 7-Scenes scene folder")
-    split_stems: dict[str, list[str]] = {}
+    split_names: dict[str, list[str]] = {}
     for split, fname in SPLIT_FILES.items():
         split_file = root / fname
-        stems = []
+        frames = []
         for seq in read_split_file(split_file):
-            stems += _sequence_frames(root, seq, split_file)
-        split_stems[split] = stems
-    stems = split_stems["train"] + [s for s in split_stems["test"] if s not in set(split_stems["train"])]
-    n_train = len(split_stems["train"])
-    names = [s + ".color.png" for s in stems]
+            frames += _sequence_frames(root, seq, split_file)
+        split_names[split] = frames
+    names = split_names["train"] + [s for s in split_names["test"] if s not in set(split_names["train"])]
+    n_train = len(split_names["train"])
+    stems = [_stem(n) for n in names]
     paths = [root / n for n in names]
     stored_hw = np.array([image_size(p) for p in paths], dtype=np.int64)
 
