@@ -40,6 +40,7 @@ def synth_command(
     height: Annotated[int, typer.Option("--height", help="Image height in pixels.")] = 120,
     train: Annotated[int, typer.Option("--train", help="Number of train images (two sequences).")] = 120,
     test: Annotated[int, typer.Option("--test", help="Number of test images (one separate path).")] = 30,
+    test_fps: Annotated[float, typer.Option("--test-fps", min=0.0, help="Test images as consecutive frames of a hand-held walk at this frame rate, one sequence to track (30: a few mm and a fraction of a degree apart); 0 = spread round the room.")] = 0.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Render a synthetic metric indoor room (exact ray casting: RGB, depth, ground-truth poses)
@@ -49,20 +50,21 @@ def synth_command(
 
     fmt = _output_format(format)
     _check_output(out, overwrite)
+    options = synthetic_write_options(fmt, train, test_sequence=test if test_fps > 0 else 0)  # refuse before rendering
     start = time.perf_counter()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console_err, transient=True) as progress:
         task = progress.add_task("rendering", total=train + test)
         scene = make_synthetic_scene(
-            seed=seed, width=width, height=height, n_train=train, n_test=test,
+            seed=seed, width=width, height=height, n_train=train, n_test=test, test_fps=test_fps,
             progress=lambda done, total: progress.update(task, completed=done),
         )
     rendered = time.perf_counter() - start
     with console_err.status(f"writing {fmt} dataset"):
-        write_scene(scene, out, fmt, overwrite=overwrite, **synthetic_write_options(fmt, train))
+        write_scene(scene, out, fmt, overwrite=overwrite, **options)
     table = Table(title=f"synthetic room, seed {seed}", show_header=False)
     table.add_row("format", fmt)
-    table.add_row("images", f"{train} train + {test} test")
+    table.add_row("images", f"{train} train + {test} test" + (f" (consecutive, {test_fps:g} frames per second)" if test_fps > 0 else ""))
     table.add_row("resolution", f"{width} x {height}, focal {scene.K[0, 0, 0]:.2f} px")
     table.add_row("time", f"{rendered:.1f} s render, {time.perf_counter() - start - rendered:.1f} s write")
     console.print(table)

@@ -142,11 +142,21 @@ def apply_exposure(radiance: np.ndarray, response: np.ndarray) -> np.ndarray:
     return np.round(display * 255.0).astype(np.uint8)
 
 
-def synthetic_write_options(format: str, n_train: int, train_sequences: int = 2) -> dict:
+def synthetic_write_options(format: str, n_train: int, train_sequences: int = 2, test_sequence: int = 0) -> dict:
     """Options for `write_scene` that keep the generator's train sequences as the format's own
-    sequences (7-Scenes seq-XX, Cambridge seqN); other formats need none."""
+    sequences (7-Scenes seq-XX, Cambridge seqN); other formats need none.
+
+    test_sequence: the number of consecutive test frames (a `test_fps` scene) that must stay one
+    sequence. Those formats cut held-out frames into sequences of the train sequences' length, so
+    a longer test sequence is refused rather than split.
+    """
     if format in ("7scenes", "cambridge"):
-        return {"sequence_length": -(-n_train // train_sequences)}
+        length = -(-n_train // train_sequences)
+        if test_sequence > length:
+            raise FastnefesError(f"a test sequence of {test_sequence} frames does not fit one {format} sequence, which holds "
+                                 f"{length} frames here (the train sequences' length); use at most {length} test frames "
+                                 f"or more train frames")
+        return {"sequence_length": length}
     return {}
 
 
@@ -159,6 +169,7 @@ def make_synthetic_scene(
     train_sequences: int = 2,
     supersample: int = 2,
     exposure: float = 0.2,
+    test_fps: float = 0.0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Scene:
     """Render the seeded synthetic room into an in-memory Scene.
@@ -166,8 +177,10 @@ def make_synthetic_scene(
     Names are `train-<k>/<frame:06d>.png` (k = 1..train_sequences) and `test-1/<frame:06d>.png`;
     writers rename them to their format's layout (see `synthetic_write_options`). No sparse
     points: writers that store them back-project the depth maps. Splits: train, and test
-    (val = test). Poses are OpenCV camera-to-world in metres; depth is float32 z-depth in metres
-    (no invalid pixels). `progress(done, total)` is called after each rendered frame. The same
+    (val = test). test_fps 0: the test views are spread over a whole loop through the room;
+    test_fps > 0: they are consecutive frames of a hand-held walk at that frame rate (a few mm
+    and a fraction of a degree apart at 30; see trajectory.LOOP_SECONDS). Poses are OpenCV
+    camera-to-world in metres; depth is float32 z-depth in metres (no invalid pixels). `progress(done, total)` is called after each rendered frame. The same
     arguments always give the same bytes.
     """
     checks = (("seed", seed, 0), ("width", width, 8), ("height", height, 8), ("train", n_train, train_sequences),
@@ -177,9 +190,11 @@ def make_synthetic_scene(
             raise FastnefesError(f"synthetic scene: {name}={value!r} is invalid (expected an integer >= {low})")
     if not 0.0 <= exposure < 1.0:
         raise FastnefesError(f"synthetic scene: exposure={exposure!r} is invalid (expected 0 <= exposure < 1)")
+    if not (np.isfinite(test_fps) and test_fps >= 0):
+        raise FastnefesError(f"synthetic scene: test_fps={test_fps!r} is invalid (expected frames per second > 0, or 0 for views round the room)")
     room = make_room(seed)
     sizes = [n_train // train_sequences + (k < n_train % train_sequences) for k in range(train_sequences)]
-    train, test = make_trajectories(np.random.default_rng([seed, 2]), room, sizes, n_test)
+    train, test = make_trajectories(np.random.default_rng([seed, 2]), room, sizes, n_test, test_fps)
     c2w = np.concatenate(train + [test])
     names = [f"train-{k + 1}/{i:06d}.png" for k, seq in enumerate(train) for i in range(len(seq))]
     names += [f"test-1/{i:06d}.png" for i in range(n_test)]

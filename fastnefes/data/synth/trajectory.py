@@ -5,6 +5,11 @@ slowly varying height, and a view direction given by yaw (relative to the outwar
 direction), pitch and roll that oscillate smoothly. Train sequences run on outer and inner
 loops looking outward and inward; the test path runs between them with other phases, so it
 stays inside the volume (and the view directions) the train cameras cover.
+
+A test *sequence* (`test_fps` > 0) walks the same test loop at a hand-held pace instead: the
+loop takes LOOP_SECONDS, and consecutive frames are 1 / test_fps seconds apart. At 30 frames per
+second the camera moves about 3.5 mm and turns about 0.6 degrees between frames (the room, seed 0:
+at most 4.3 mm and 1.1 degrees), like a 7-Scenes recording.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from fastnefes.data.synth.room import LOW_OBJECT_TOP, Room, clearance
 
 MIN_CLEARANCE = 0.5  # metres from any wall or object
 HEIGHT_RANGE = (LOW_OBJECT_TOP + 0.55, 1.75)
+LOOP_SECONDS = 60.0  # duration of one loop of a test sequence (about 0.1 m/s, 17 deg/s on average)
 
 
 @dataclass
@@ -51,7 +57,13 @@ def look_rotation(forward: np.ndarray, roll: np.ndarray) -> np.ndarray:
 
 def path_poses(path: LoopPath, n: int) -> np.ndarray:
     """Camera-to-world poses [n, 4, 4] (OpenCV axes) of n frames evenly spaced along the path."""
-    s = np.arange(n) / max(n, 1)
+    return path_poses_at(path, np.arange(n) / max(n, 1))
+
+
+def path_poses_at(path: LoopPath, s: np.ndarray) -> np.ndarray:
+    """Camera-to-world poses [n, 4, 4] (OpenCV axes) at the loop fractions s [n] (0 = the first
+    frame, 1 = once round; every term is periodic in s, so s > 1 goes round again)."""
+    n = len(s)
     ph = path.phases
     theta = path.start + 2 * np.pi * path.turns * s
     radius = 1.0 + path.wobble * np.sin(3 * theta + ph[0])
@@ -92,12 +104,16 @@ def random_path(rng: np.random.Generator, room: Room, radius_scale: float, yaw_o
     )
 
 
-def make_trajectories(rng: np.random.Generator, room: Room, train_sizes: list[int], n_test: int) -> tuple[list[np.ndarray], np.ndarray]:
+def make_trajectories(rng: np.random.Generator, room: Room, train_sizes: list[int], n_test: int,
+                      test_fps: float = 0.0) -> tuple[list[np.ndarray], np.ndarray]:
     """Train sequences (one [n_k, 4, 4] array per entry of train_sizes) and a test path [n_test, 4, 4].
 
     Train loops alternate between looking outward (at the nearer walls, on smaller loops) and
     inward (across the room, on larger loops); the test loop lies in between and sweeps its yaw
-    across both, so its views stay within what the train cameras cover.
+    across both, so its views stay within what the train cameras cover. test_fps 0: the n_test
+    frames are spread evenly over the whole test loop; test_fps > 0: they are consecutive frames
+    of a walk along it (one loop in LOOP_SECONDS) from its start. The train paths do not depend
+    on n_test or test_fps.
     """
     count = len(train_sizes)
     train = []
@@ -107,7 +123,10 @@ def make_trajectories(rng: np.random.Generator, room: Room, train_sizes: list[in
         train.append(path_poses(random_path(rng, room, scale, np.pi if inward else 0.0), n))
     test_path = random_path(rng, room, 0.85, np.pi / 2 * rng.choice([-1.0, 1.0]))
     test_path.yaw_amp = rng.uniform(1.2, 1.5)
-    test = path_poses(test_path, n_test)
+    if test_fps > 0:
+        test = path_poses_at(test_path, np.arange(n_test) / (test_fps * LOOP_SECONDS))
+    else:
+        test = path_poses(test_path, n_test)
     centres = np.concatenate([c[:, :3, 3] for c in train] + [test[:, :3, 3]])
     if len(centres) and clearance(room, centres).min() < MIN_CLEARANCE:  # guaranteed by the layout
         raise RuntimeError("synthetic camera path comes closer than 0.5 m to a surface")
