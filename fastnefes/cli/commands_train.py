@@ -55,6 +55,7 @@ def train_field_command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     arch: Annotated[str, typer.Option("--arch", help="hash (fastnefes) or mlp (NeFeS's original sampler: the baseline).")] = "hash",
     depth_weight: Annotated[float, typer.Option("--depth-weight", min=0.0, help="Supervise rendered depth with the data's depth maps at this weight (needs depth registered to the images).")] = 0.0,
+    space: Annotated[str, typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).")] = "auto",
 ) -> None:
     """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
     from fastnefes.train import STAGES, TrainConfig, train
@@ -76,6 +77,9 @@ def train_field_command(
     if steps is not None:
         config.steps = steps
     config.minutes = minutes
+    if space not in ("auto", "bounded", "contracted"):
+        raise FastnefesError(f"--space {space!r}: expected auto, bounded or contracted")
+    config.model.space = space
     extractor_module, extractor_path = None, None
     if extractor != "ssl":
         extractor_path = Path(extractor)
@@ -102,6 +106,11 @@ def train_field_command(
                            progress=on_event, data_options=data_options)
         bar.update(task, completed=1.0)
     console.print(_end_table(metrics))
+    from fastnefes.train.run import read_config
+
+    _, norm, _ = read_config(out)
+    console.print(f"scene box from {norm.source}, {norm.space} space ({1 / norm.scale:.3g} units across); "
+                  f"data options: {as_options(format, downscale, max_side, focal, sfm_poses).describe()}")
     console.print(f"run written to {out}")
 
 

@@ -1,19 +1,29 @@
-"""Automatic scene normalisation: a centre and scale that map the scene into the unit cube.
+"""Automatic scene normalisation: a centre and scale that map the scene into the unit cube,
+and the parametrisation of the space around it.
 
 The feature field lives in [0, 1]^3 (the hash grid's domain). `compute_normalization` finds
 the world-space box holding the scene's content, from the best evidence the scene has:
 
 1. depth maps (7-Scenes, synthetic scenes): back-projected depth of up to `max_images` views;
 2. sparse points (COLMAP, Cambridge NVM): points seen by at least one sampled camera;
-3. neither, cameras looking inwards (NeRF-synthetic and other object captures): the content is
-   visible in every view, so it lies in the intersection of the view frusta. Where images have
-   a uniform background (composited renders), the silhouettes carve that intersection down to
-   the object's visual hull, which gives a snug box;
-4. otherwise: the camera centres plus a viewing distance the size of the camera spread.
+3. silhouettes: cameras looking inwards at an object on a uniform background (composited
+   renders): the intersection of the view frusta carved by the silhouettes, the visual hull;
+4. points triangulated from the images themselves (phone captures in transforms json carry
+   neither depth nor points): feature matches between neighbouring views, triangulated with
+   the known poses (fastnefes.data.triangulate), then as 2;
+5. otherwise: the intersection of the view frusta (cameras looking inwards), or the camera
+   centres plus a viewing distance the size of the camera spread.
+
+The space (fastnefes.field.space) follows from the same evidence: "bounded" where the box
+holds the content (depth, silhouettes, points whose depths are not spread far beyond the
+typical one), "contracted" where content reaches far beyond the box (points far behind the
+typical depth: outdoor scenes; forward-facing captures, whose far content has too little
+parallax to triangulate) or nothing bounds it (frusta without
+silhouettes, cameras only); the box is then the foreground.
 
 Outliers are handled with per-axis percentiles (depth, points) and a median-distance test on
-camera centres. Camera centres are inside the cube for 1, 2 and 4; for 3 they are outside.
-Nothing is tuned per scene. near/far (world units) are what a renderer should march between.
+camera centres. Nothing is tuned per scene. near/far (world units) are what a renderer should
+march between.
 """
 
 from __future__ import annotations
@@ -26,6 +36,14 @@ import torch
 
 DEPTH_PERCENTILES = (0.1, 99.9)
 POINT_PERCENTILES = (1.0, 99.0)
+# Points whose 95th-percentile depth exceeds this many times the median depth reach far
+# beyond the typical content (streets and sky, forward-facing captures): contracted space.
+FAR_DEPTH_RATIO = 2.5
+MIN_POINTS = 64
+# Forward-facing: optical axes within about 25 degrees of their mean (|mean axis| > 0.9), the
+# camera centres spread over less than 0.35 x the median depth of what they see.
+FORWARD_AXIS = 0.9
+FORWARD_SPREAD = 0.35
 
 
 @dataclass
@@ -33,7 +51,8 @@ class SceneNormalization:
     """x_unit = (x_world - center) * scale + 0.5.
 
     center: [3] world point mapped to the cube centre; scale: world -> unit factor;
-    near, far: ray range in world units; source: which evidence set the bounds.
+    near, far: ray range in world units; source: which evidence set the bounds; space: the
+    parametrisation the evidence calls for ("bounded" or "contracted", fastnefes.field.space).
     """
 
     center: np.ndarray
@@ -41,6 +60,7 @@ class SceneNormalization:
     near: float
     far: float
     source: str = ""
+    space: str = "bounded"
 
     def to_unit(self, x):
         """World points [..., 3] (numpy or torch) -> unit-cube coordinates."""
@@ -65,11 +85,13 @@ class SceneNormalization:
             "near": float(self.near),
             "far": float(self.far),
             "source": self.source,
+            "space": self.space,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "SceneNormalization":
-        return cls(np.asarray(d["center"], dtype=np.float64).reshape(3), float(d["scale"]), float(d["near"]), float(d["far"]), str(d.get("source", "")))
+        return cls(np.asarray(d["center"], dtype=np.float64).reshape(3), float(d["scale"]), float(d["near"]),
+                   float(d["far"]), str(d.get("source", "")), str(d.get("space", "bounded")))
 
 
 def _like(value: np.ndarray, x):
@@ -135,21 +157,47 @@ def compute_normalization(
         box, z = _depth_box(scene, sample, points_per_image)
         if box is not None:
             return _finish(_union(box, cams), scene, indices, margin, near=0.5 * np.percentile(z, 1.0), source="depth")
-    if scene.points is not None and len(scene.points) >= 8:
-        points = np.asarray(scene.points, dtype=np.float64).reshape(-1, 3)
-        if len(points) > max_points:  # percentiles need no more; keeps large models fast
-            points = points[np.random.default_rng(0).choice(len(points), max_points, replace=False)]
-        box, z = _points_box(scene, points, sample)
-        if box is not None:
-            return _finish(_union(box, cams), scene, indices, margin, near=0.5 * np.percentile(z, 1.0), source="points")
+    if scene.points is not None and len(scene.points) >= MIN_POINTS:
+        found = _from_points(scene, np.asarray(scene.points, dtype=np.float64).reshape(-1, 3), sample, cams, indices,
+                             margin, max_points, "points")
+        if found is not None:
+            return found
     frusta = _frusta_box(scene, evenly_spaced(indices, 48))
-    if frusta is not None:
-        box, source = frusta
-        return _finish(box, scene, indices, margin, near=None, source=source)
+    if frusta is not None and frusta[1] == "silhouettes":
+        return _finish(frusta[0], scene, indices, margin, near=None, source="silhouettes")
+    from fastnefes.data.triangulate import triangulate_scene
+
+    found = _from_points(scene, triangulate_scene(scene, indices), sample, cams, indices, margin, max_points,
+                         "triangulated")
+    if found is not None:
+        return found
+    if frusta is not None:  # an object seen from around it, with a background beyond
+        return _finish(frusta[0], scene, indices, margin, near=None, source="frusta", space="contracted")
     dirs = scene.c2w[indices, :3, 2]
     reach = max(float(np.max(cams.max(0) - cams.min(0))), 1e-6)
     box = _union(np.stack([cams.min(0), cams.max(0)]), centres + dirs * reach)
-    return _finish(box, scene, indices, margin, near=0.01 * reach, source="cameras")
+    return _finish(box, scene, indices, margin, near=0.01 * reach, source="cameras", space="contracted")
+
+
+def _from_points(scene, points, sample, cams, indices, margin, max_points, source) -> Optional[SceneNormalization]:
+    """Normalisation from sparse points [M, 3] (None when too few are seen): bounded around
+    them, or contracted around the cameras and the nearer half of the content when the far
+    points lie well beyond the typical depth."""
+    if len(points) < MIN_POINTS:
+        return None
+    if len(points) > max_points:  # percentiles need no more; keeps large models fast
+        points = points[np.random.default_rng(0).choice(len(points), max_points, replace=False)]
+    seen, z = _seen_points(scene, points, sample)
+    if seen.sum() < MIN_POINTS:
+        return None
+    near = 0.5 * np.percentile(z, 1.0)
+    z50, z95 = np.percentile(z, [50.0, 95.0])
+    if z95 <= FAR_DEPTH_RATIO * z50 and not _forward_facing(scene.c2w[indices], cams, z50):
+        box = np.percentile(points[seen], POINT_PERCENTILES, axis=0)
+        return _finish(_union(box, cams), scene, indices, margin, near=near, source=source)
+    nearer = _seen_points(scene, points, sample, max_depth=z50)[0]
+    box = np.percentile(points[nearer], POINT_PERCENTILES, axis=0) if nearer.sum() >= 8 else np.stack([cams.min(0), cams.max(0)])
+    return _finish(_union(box, cams), scene, indices, margin, near=near, source=source, space="contracted")
 
 
 def _robust_cameras(centres: np.ndarray) -> np.ndarray:
@@ -167,7 +215,7 @@ def _union(box: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.stack([np.minimum(box[0], points.min(0)), np.maximum(box[1], points.max(0))])
 
 
-def _finish(box, scene, indices, margin, near, source) -> SceneNormalization:
+def _finish(box, scene, indices, margin, near, source, space: str = "bounded") -> SceneNormalization:
     lo, hi = box
     extent = float(np.max(hi - lo))
     if not extent > 0:
@@ -182,7 +230,7 @@ def _finish(box, scene, indices, margin, near, source) -> SceneNormalization:
         gap = np.linalg.norm(np.maximum(0, np.maximum(lo - centres, centres - hi)), axis=1)
         near = 0.5 * float(gap.min())
     near = float(max(near, 1e-3 * extent))
-    return SceneNormalization(center=(lo + hi) / 2.0, scale=scale, near=near, far=far, source=source)
+    return SceneNormalization(center=(lo + hi) / 2.0, scale=scale, near=near, far=far, source=source, space=space)
 
 
 def _depth_box(scene, sample, points_per_image):
@@ -202,19 +250,27 @@ def _depth_box(scene, sample, points_per_image):
     return np.percentile(pts, DEPTH_PERCENTILES, axis=0), np.concatenate(zs)
 
 
-def _points_box(scene, points, sample):
-    """Box of the points seen (in front, inside the image) by at least one sampled camera."""
+def _forward_facing(c2w: np.ndarray, cams: np.ndarray, typical_depth: float) -> bool:
+    """Cameras [N, 4, 4] that all look one way from a patch small against the depth they see
+    (LLFF-style captures): what lies beyond the triangulated points (too little parallax to
+    triangulate) is still in view, so the space must reach past them."""
+    axis = np.linalg.norm(c2w[:, :3, 2].mean(0))
+    spread = float(np.max(cams.max(0) - cams.min(0))) if len(cams) else 0.0
+    return axis > FORWARD_AXIS and spread < FORWARD_SPREAD * typical_depth
+
+
+def _seen_points(scene, points, sample, max_depth: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """[M] bool of the points seen (in front, inside the image, no deeper than max_depth) by at
+    least one sampled camera, and the depths [K] of every such sighting."""
     seen = np.zeros(len(points), bool)
     zs = []
     for i in sample:
         uv, z = project(points, scene.K[i], scene.c2w[i])
         h, w = scene.hw[i]
-        vis = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
+        vis = (z > 0) & (z <= max_depth) & (uv[:, 0] >= 0) & (uv[:, 0] <= w) & (uv[:, 1] >= 0) & (uv[:, 1] <= h)
         seen |= vis
         zs.append(z[vis])
-    if seen.sum() < 8:
-        return None, None
-    return np.percentile(points[seen], POINT_PERCENTILES, axis=0), np.concatenate(zs)
+    return seen, np.concatenate(zs) if zs else np.zeros(0)
 
 
 def convergence_point(c2w: np.ndarray) -> Optional[np.ndarray]:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from fastnefes.field.space import contract_to_grid
 from fastnefes.ops.hashgrid import HashGridConfig, HashGridEncoding
 
 
@@ -51,11 +52,14 @@ class GeometryOutput(NamedTuple):
 
 
 class GeometryField(nn.Module):
-    """x [N,3] in [0,1]^3 -> density [N], geometry features [N, geo_feat_dim], grid encoding."""
+    """x [N,3] normalised positions -> density [N], geometry features [N, geo_feat_dim], grid
+    encoding. Bounded space: x in [0,1]^3 is the grid's domain. contract=True: x anywhere, the
+    [0,1]^3 foreground and the space around it contracted into the grid (fastnefes.field.space)."""
 
     def __init__(self, grid: HashGridConfig, hidden: int = 64, n_hidden: int = 1, geo_feat_dim: int = 15,
-                 density_bias: float = -1.0) -> None:
+                 density_bias: float = -1.0, contract: bool = False) -> None:
         super().__init__()
+        self.contract = contract
         self.encoding = HashGridEncoding(grid)
         self.mlp = mlp(self.encoding.n_output_dims, hidden, n_hidden, 1 + geo_feat_dim)
         self.geo_feat_dim = geo_feat_dim
@@ -68,7 +72,7 @@ class GeometryField(nn.Module):
         return self.encoding.n_output_dims
 
     def forward(self, x: Tensor) -> GeometryOutput:
-        enc = self.encoding(x)
+        enc = self.encoding(contract_to_grid(x) if self.contract else x)
         h = self.mlp(enc)
         density = trunc_exp(h[:, 0].float() + self.density_bias)
         return GeometryOutput(density, h[:, 1:], enc)

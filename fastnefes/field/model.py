@@ -23,6 +23,7 @@ from fastnefes.field.fusion import FeatureFusion
 from fastnefes.field.geometry import GeometryField
 from fastnefes.field.heads import ColorHead, FeatureHead, TransientHead
 from fastnefes.field.nerf_mlp import NeRFGeometryField
+from fastnefes.field.space import CONTRACTED_CONE_ANGLE, CONTRACTED_OCC_LEVELS, SPACES
 from fastnefes.ops.hashgrid import HashGridConfig
 from fastnefes.ops.occgrid import OccupancyGrid
 
@@ -80,9 +81,14 @@ class ModelConfig:
     encoder_width: int = 32
     extractor_path: Optional[str] = None  # distill: TorchScript file (copied into the run dir)
     extractor_sha256: Optional[str] = None
+    # Scene parametrisation (fastnefes.field.space): "auto" takes the one the scene
+    # normalisation chose from the data (resolved when training starts and saved so), or
+    # "bounded" / "contracted".
+    space: str = "auto"
     occ_resolution: int = 64
-    occ_levels: int = 1
+    occ_levels: int = 1  # the contracted space uses CONTRACTED_OCC_LEVELS
     march_steps: int = 256  # marching step = sqrt(3) / march_steps in the unit cube
+    cone_angle: float = 0.0  # steps grow as t * cone_angle beyond that (contracted space: 1/256)
     # Density pre-pass over the marched samples that drops those behind surfaces (transmittance
     # < early_stop_eps) or nearly transparent (alpha < alpha_thre), as nerfacc's sigma_fn.
     cull_samples: bool = True
@@ -96,6 +102,8 @@ class ModelConfig:
             raise FastnefesError(f"model config: arch={self.arch!r}, expected one of {ARCHS}")
         if self.encoder not in ENCODER_MODES:
             raise FastnefesError(f"model config: encoder={self.encoder!r}, expected one of {ENCODER_MODES}")
+        if self.space not in ("auto", *SPACES):
+            raise FastnefesError(f"model config: space={self.space!r}, expected auto or one of {SPACES}")
         if self.background not in BACKGROUNDS:
             raise FastnefesError(f"model config: background={self.background!r}, expected one of {BACKGROUNDS}")
         if not (isinstance(self.feature_dim, int) and self.feature_dim >= 1):
@@ -108,6 +116,15 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolve_space(self, chosen: str) -> None:
+        """Settle space "auto" to `chosen` (the normalisation's choice); a contracted space gets
+        its multi-level occupancy grid and cone angle. Idempotent."""
+        if self.space == "auto":
+            self.space = chosen
+        if self.space == "contracted":
+            self.occ_levels = max(self.occ_levels, CONTRACTED_OCC_LEVELS)
+            self.cone_angle = self.cone_angle or CONTRACTED_CONE_ANGLE
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -164,7 +181,7 @@ class FeatureFieldModel(nn.Module):
             return NeRFGeometryField(config.mlp_freqs, config.mlp_width, config.mlp_depth, config.mlp_skip,
                                      config.geo_feat_dim, config.density_bias)
         return GeometryField(HashGridConfig.from_dict(config.grid), config.geo_hidden, config.geo_layers,
-                             config.geo_feat_dim, config.density_bias)
+                             config.geo_feat_dim, config.density_bias, contract=config.space == "contracted")
 
     # ---- properties the refiner and the trainer use ------------------------------------
     @property

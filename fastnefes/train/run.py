@@ -226,9 +226,10 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
             raise FastnefesError("--resume needs the run directory (--out RUN)")
         config, normalization, _ = read_config(run_dir)
     else:
-        normalization = compute_normalization(scene)
         if run_dir is not None and (run_dir / WEIGHTS_FILE).exists():
             raise FastnefesError(f"{run_dir}: already holds a trained run (use --resume to continue it, or another --out)")
+        normalization = compute_normalization(scene)
+        config.model.resolve_space(normalization.space)  # "auto" -> what the data calls for
     device = resolve_device(config.device)
     config.model.n_images = len(scene.split("train"))
     torch.manual_seed(config.seed)

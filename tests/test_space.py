@@ -1,0 +1,148 @@
+"""Scene parametrisation: the contraction, and the space chosen from cameras and images alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastnefes.data import Scene, compute_normalization
+from fastnefes.data.synth.room import value_noise
+from fastnefes.field.space import contract_to_grid, uncontract_from_grid
+from fastnefes.geometry import make_intrinsics
+
+H, W = 120, 160
+
+
+def test_contraction_keeps_the_foreground_and_squeezes_the_rest():
+    x = torch.rand(1000, 3, dtype=torch.float64)
+    np.testing.assert_allclose(contract_to_grid(x).numpy(), ((2 * x + 1) / 4).numpy(), atol=1e-12)
+    far = (torch.rand(1000, 3, dtype=torch.float64) - 0.5) * 400
+    g = contract_to_grid(far)
+    assert g.min() > 0 and g.max() < 1
+    np.testing.assert_allclose(uncontract_from_grid(g).numpy(), far.numpy(), rtol=1e-6, atol=1e-6)
+    # monotone along a ray leaving the foreground, continuous across its face
+    t = torch.linspace(0.0, 50.0, 2001, dtype=torch.float64)[:, None]
+    ray = torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64) + t * torch.tensor([0.8, 0.36, 0.48], dtype=torch.float64)
+    gx = contract_to_grid(ray)[:, 0]
+    assert bool((gx[1:] > gx[:-1]).all())
+    assert float((gx[1:] - gx[:-1]).abs().max()) <= 0.01 + 1e-9  # the foreground step: no jump at the face
+
+
+def test_contraction_gradients_are_finite_and_match_finite_differences():
+    x = torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.3, 0.2], [3.0, -2.0, 0.4], [0.2, 0.9, 40.0]], dtype=torch.float64,
+                     requires_grad=True)
+    assert torch.autograd.gradcheck(contract_to_grid, (x,))
+    grad, = torch.autograd.grad(contract_to_grid(x).sum(), x)
+    assert torch.isfinite(grad).all()
+
+
+def _textured(points: np.ndarray, salt: int, scale: float) -> np.ndarray:
+    """High-contrast blotches (corners for feature matching) from value noise at two scales."""
+    u, v = points[..., 0] / scale, points[..., 1] / scale
+    n = value_noise(u, v, salt) + 0.5 * value_noise(2.7 * u, 2.7 * v, salt + 1)
+    return np.where(n > 0.75, 0.9, 0.15)
+
+
+def _rays(K: np.ndarray, c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    jj, ii = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    d = np.stack([(jj - K[0, 2]) / K[0, 0], (ii - K[1, 2]) / K[1, 1], np.ones_like(jj)], -1) @ c2w[:3, :3].T
+    return np.broadcast_to(c2w[:3, 3], d.shape), d
+
+
+def _scene(c2w: np.ndarray, render) -> Scene:
+    K = make_intrinsics(140.0, 140.0, W / 2, H / 2)
+    images = [render(*_rays(K, T)) for T in c2w]
+    n = len(c2w)
+    return Scene(root=Path("."), names=[f"{i:03d}.png" for i in range(n)], c2w=c2w, K=np.tile(K, (n, 1, 1)),
+                 hw=np.tile([H, W], (n, 1)), splits={"train": list(range(n)), "val": [], "test": []},
+                 image_fn=lambda i: images[i])
+
+
+def _pose(eye, forward, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    z = np.asarray(forward, float) / np.linalg.norm(forward)
+    x = np.cross(z, up)
+    x /= np.linalg.norm(x)
+    T = np.eye(4)
+    T[:3, :3] = np.stack([x, np.cross(z, x), z], 1)
+    T[:3, 3] = eye
+    return T
+
+
+def forward_facing_scene() -> Scene:
+    """Cameras on a small patch 1.5 m above a textured ground, all looking down the same street
+    towards a textured wall 60 m away: content from a few metres out to the horizon."""
+    rng = np.random.default_rng(0)
+    c2w = np.stack([_pose([0.0, y, 1.5 + z], [1.0, 0.02 * y, -0.12]) for y, z in rng.uniform(-0.4, 0.4, (16, 2))])
+
+    def render(o, d):
+        t_ground = np.where(d[..., 2] < -1e-6, -o[..., 2] / np.minimum(d[..., 2], -1e-6), np.inf)
+        t_wall = np.where(d[..., 0] > 1e-6, (60.0 - o[..., 0]) / np.maximum(d[..., 0], 1e-6), np.inf)
+        ground = t_ground < t_wall
+        t = np.minimum(t_ground, t_wall)
+        p = o + d * t[..., None]
+        value = np.where(ground, _textured(p[..., :2], 1, 0.4), _textured(p[..., 1:], 7, 3.0))
+        return (np.repeat(value[..., None], 3, -1) * 255).astype(np.uint8)
+
+    return _scene(c2w, render)
+
+
+def inward_facing_scene() -> Scene:
+    """Cameras on a ring around a textured ball on a white background (an object capture)."""
+    angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+    c2w = np.stack([_pose([3 * np.cos(a), 3 * np.sin(a), 0.8], [-np.cos(a), -np.sin(a), -0.27]) for a in angles])
+
+    def render(o, d):
+        b = np.einsum("...i,...i->...", o, d)
+        c = np.einsum("...i,...i->...", o, o) - 0.7**2
+        disc = b * b - np.einsum("...i,...i->...", d, d) * c
+        hit = disc > 0
+        t = (-b - np.sqrt(np.maximum(disc, 0))) / np.einsum("...i,...i->...", d, d)
+        p = o + d * t[..., None]
+        value = np.where(hit, _textured(p[..., :2] + p[..., 2:] * 0.7, 3, 0.15), 1.0)
+        return (np.repeat(value[..., None], 3, -1) * 255).astype(np.uint8)
+
+    return _scene(c2w, render)
+
+
+def test_forward_facing_capture_gets_a_contracted_space():
+    scene = forward_facing_scene()
+    norm = compute_normalization(scene)
+    assert norm.source == "triangulated" and norm.space == "contracted"
+    # the foreground holds the cameras and the near ground, not the far wall
+    cams = norm.to_unit(scene.c2w[:, :3, 3])
+    assert cams.min() >= 0 and cams.max() <= 1
+    assert norm.to_unit(np.array([60.0, 0.0, 1.5]))[0] > 1.5
+
+
+def test_object_on_a_plain_background_gets_a_bounded_space():
+    scene = inward_facing_scene()
+    norm = compute_normalization(scene)
+    assert norm.source == "silhouettes" and norm.space == "bounded"
+    ball = norm.to_unit(np.array([[-0.7, -0.7, -0.7], [0.7, 0.7, 0.7]]))
+    assert ball.min() >= 0 and ball.max() <= 1 and (ball[1] - ball[0]).max() > 0.5
+
+
+def test_contracted_model_renders_far_content(tiny_scene):
+    """A contracted model marches a multi-level grid with growing steps and samples beyond the
+    foreground cube; its outputs are finite and differentiable w.r.t. the ray origins."""
+    from fastnefes.data.normalize import SceneNormalization
+    from fastnefes.field.model import FeatureFieldModel, ModelConfig
+    from fastnefes.render import render_rays
+
+    cfg = ModelConfig(grid=dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=8,
+                                per_level_scale=1.5), feature_dim=4, fusion_width=4, occ_resolution=8, march_steps=32)
+    cfg.resolve_space("contracted")
+    assert cfg.occ_levels == 4 and cfg.cone_angle > 0
+    model = FeatureFieldModel(cfg, SceneNormalization(np.zeros(3), 0.5, 0.05, 100.0, "test", "contracted"))
+    model.occupancy.binaries.fill_(True)
+    o = torch.zeros(64, 3, requires_grad=True)
+    d = torch.nn.functional.normalize(torch.randn(64, 3), dim=1)
+    out = render_rays(model, o, d)
+    assert torch.isfinite(out["rgb"]).all() and torch.isfinite(out["features"]).all()
+    reach = out["depth"] * 0.5  # unit-cube distance of the expected surface
+    assert int(out["n_samples"]) > 0 and float(reach.max()) > 1.0  # samples beyond the foreground cube
+    grad, = torch.autograd.grad(out["rgb"].sum(), o)
+    assert torch.isfinite(grad).all()
