@@ -1,4 +1,5 @@
-// Fused volume compositing of packed samples: declarations shared by the CPU and CUDA kernels.
+// Fused volume compositing of packed samples: the launchers' declarations (the arithmetic of one
+// ray is in composite_kernel.h, shared by both launchers).
 //
 // Samples are packed ray after ray; ray r owns samples [ranges[2r], ranges[2r] + ranges[2r+1]).
 // Per sample j of a ray: dt_j = t_end_j - t_start_j, alpha_j = 1 - exp(-sigma_j dt_j),
@@ -8,6 +9,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "kernel_common.h"
 
 namespace fastnefes {
 
@@ -64,12 +67,7 @@ void composite_backward_cpu(const CompositeInputs<T>& in, const CompositeGrads<T
 int64_t ray_ranges_cpu(const int64_t* ray_indices, int64_t n_samples, int64_t n_rays, int64_t* ranges);
 
 // CUDA entry points, type-erased (composite_cuda.cu; no_cuda.cpp in the CPU-only build, where they
-// raise): dtype 0 float32, 1 float64, 2 float16,
-// 3 bfloat16; the kernels accumulate in float (double for float64) on `stream` of `device`.
-enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
-
-bool cuda_kernels_built();
-
+// raise); the kernels accumulate in float (double for float64) on `stream` of `device`.
 void composite_forward_cuda(DType dtype, const CompositeInputs<void>& in, const CompositeOutputs<void>& out,
                             int device, void* stream);
 void composite_backward_cuda(DType dtype, const CompositeInputs<void>& in, const CompositeGrads<void>& g,

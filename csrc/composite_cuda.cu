@@ -1,43 +1,19 @@
-// CUDA fused compositing. A group of G lanes (1, 8 or 32, by feature width) handles one ray:
-// every lane walks the ray's samples and recomputes the same transmittance chain (sigma and t are
-// broadcast loads; T_{j+1} = T_j exp(-sigma_j dt_j)), lane i owns feature dims i, i+G, ...;
-// lane 0 owns rgb / depth / opacity.
-// Storage may be half or bfloat16; all arithmetic is in float (double for float64 storage).
-// Only CUDA headers are included, so this file compiles with nvcc alone (tests compile-check it).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-
+// CUDA launcher of the compositing kernel body (composite_kernel.h). A group of G lanes (1, 8 or
+// 32, by feature width) handles one ray: every lane walks the ray's samples and recomputes the
+// same transmittance chain (sigma and t are broadcast loads), lane i owns feature dims i, i+G, ...;
+// lane 0 owns rgb / depth / opacity. Storage may be half or bfloat16; all arithmetic is in float
+// (double for float64 storage).
+// cuda_common.h first: its half / bfloat16 Storage specialisations precede every use.
+#include "cuda_common.h"
 #include "composite.h"
+#include "composite_kernel.h"
 
 namespace fastnefes {
 namespace {
 
-// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
-__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ double load(const double* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
-__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(double* p, int64_t i, double v) { p[i] = v; }
-__device__ __forceinline__ float exp_neg(float v) { return expf(-v); }
-__device__ __forceinline__ double exp_neg(double v) { return exp(-v); }
-template <typename A, typename S>
-__device__ __forceinline__ A load_or_zero(const S* p, int64_t i) { return p ? A(load(p, i)) : A(0); }
-
-template <typename S> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
 // Feature dims held in registers per lane in the forward; wider features loop over chunks of
 // G * kDimsPerLane dims, recomputing the (cheap) transmittance chain per chunk.
 constexpr int kDimsPerLane = 8;
-constexpr int kBlock = 256;
 
 template <int G>
 __device__ __forceinline__ unsigned group_mask() {
@@ -49,133 +25,67 @@ __device__ __forceinline__ unsigned group_mask() {
   }
 }
 
-template <int G, typename A>
-__device__ __forceinline__ A group_sum(A v) {
-#pragma unroll
-  for (int offset = G / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(group_mask<G>(), v, offset, G);
-  return v;
-}
+// G lanes of a warp per ray (see the Lanes policy in composite_kernel.h).
+template <typename A, typename S, int G>
+struct WarpLanes {
+  int lane;
+  A feat[kDimsPerLane];
 
-template <typename S, int G>
-__global__ void forward_kernel(CompositeInputs<S> in, CompositeOutputs<S> out) {
-  using A = typename Acc<S>::type;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t r = tid / G;
-  const int lane = int(tid % G);
-  if (r >= in.n_rays) return;
-  const int64_t first = in.ranges[2 * r], end = first + in.ranges[2 * r + 1];
-  const int64_t D = in.n_features;
-  const A threshold = A(in.threshold);
-  const int64_t chunk = int64_t(G) * kDimsPerLane;
-  // At least one pass (rgb / depth / opacity) even without features.
-  for (int64_t base = 0; base == 0 || base < D; base += chunk) {
-    A feat[kDimsPerLane];
+  __device__ int64_t chunk(int64_t) const { return int64_t(G) * kDimsPerLane; }
+  __device__ bool lead() const { return lane == 0; }
+  __device__ void begin(S*, int64_t, int64_t) {
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) feat[i] = A(0);
-    A trans = 1, cr = 0, cg = 0, cb = 0, depth = 0, opacity = 0;
-    for (int64_t j = first; j < end; ++j) {
-      if (trans < threshold) break;
-      const A ts = load(in.t_starts, j), te = load(in.t_ends, j);
-      const A decay = exp_neg(A(load(in.sigmas, j)) * (te - ts));
-      const A w = trans * (A(1) - decay);
-      if (base == 0 && lane == 0) {
-        cr += w * load(in.rgbs, 3 * j);
-        cg += w * load(in.rgbs, 3 * j + 1);
-        cb += w * load(in.rgbs, 3 * j + 2);
-        depth += w * A(0.5) * (ts + te);
-        opacity += w;
-      }
-#pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) {
-        const int64_t d = base + lane + int64_t(i) * G;
-        if (d < D) feat[i] += w * A(load(in.features, j * D + d));
-      }
-      trans *= decay;
-    }
+  }
+  __device__ void add(A w, const S* f, int64_t base, int64_t D) {
 #pragma unroll
     for (int i = 0; i < kDimsPerLane; ++i) {
       const int64_t d = base + lane + int64_t(i) * G;
-      if (d < D) store(out.features, r * D + d, feat[i]);
-    }
-    if (base == 0 && lane == 0) {
-      store(out.rgb, 3 * r, cr);
-      store(out.rgb, 3 * r + 1, cg);
-      store(out.rgb, 3 * r + 2, cb);
-      store(out.depth, r, depth);
-      store(out.opacity, r, opacity);
+      if (d < D) feat[i] += w * A(load(f, d));
     }
   }
-}
+  __device__ void finish(S* row, int64_t base, int64_t D) const {
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      const int64_t d = base + lane + int64_t(i) * G;
+      if (d < D) store(row, d, feat[i]);
+    }
+  }
+  __device__ A sum(A v) const {
+#pragma unroll
+    for (int offset = G / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(group_mask<G>(), v, offset, G);
+    return v;
+  }
+  __device__ A dot(const S* a, const S* b, int64_t D) const {
+    A s = 0;
+    for (int64_t d = lane; d < D; d += G) s += A(load(a, d)) * A(load(b, d));
+    return s;
+  }
+  __device__ void scaled(S* dst, A w, const S* src, int64_t D) const {
+    for (int64_t d = lane; d < D; d += G) store(dst, d, src ? w * A(load(src, d)) : A(0));
+  }
+  __device__ void zero_rows(S* dst, int64_t from, int64_t to, int64_t D) const {
+    for (int64_t k = from; k < to; ++k)
+      for (int64_t d = lane; d < D; d += G) store(dst, k * D + d, A(0));
+  }
+};
 
-// dL/d(sigma_j dt_j) = g_j T_{j+1} - (total - prefix_j): see composite_cpu.cpp.
 template <typename S, int G>
-__global__ void backward_kernel(CompositeInputs<S> in, CompositeGrads<S> g) {
-  using A = typename Acc<S>::type;
+__global__ void forward_kernel(CompositeInputs<S> in, CompositeOutputs<S> out) {
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t r = tid / G;
-  const int lane = int(tid % G);
   if (r >= in.n_rays) return;
-  const int64_t first = in.ranges[2 * r], end = first + in.ranges[2 * r + 1];
-  const int64_t D = in.n_features;
-  const A threshold = A(in.threshold);
-  const bool feat_in_weight_grad = D && g.g_features && !g.detach_feature_weights;
-  const A gr = load_or_zero<A>(g.g_rgb, 3 * r), gg = load_or_zero<A>(g.g_rgb, 3 * r + 1),
-          gb = load_or_zero<A>(g.g_rgb, 3 * r + 2);
-  const A gd = load_or_zero<A>(g.g_depth, r), go = load_or_zero<A>(g.g_opacity, r);
-  A total = gr * A(load(g.rgb, 3 * r)) + gg * A(load(g.rgb, 3 * r + 1)) + gb * A(load(g.rgb, 3 * r + 2)) +
-            gd * A(load(g.depth, r)) + go * A(load(g.opacity, r));
-  if (feat_in_weight_grad) {
-    A dot = 0;
-    for (int64_t d = lane; d < D; d += G) dot += A(load(g.g_features, r * D + d)) * A(load(g.features, r * D + d));
-    total += group_sum<G>(dot);
-  }
-  A trans = 1, prefix = 0;
-  int64_t j = first;
-  for (; j < end; ++j) {
-    if (trans < threshold) break;
-    const A ts = load(in.t_starts, j), te = load(in.t_ends, j), sigma = load(in.sigmas, j);
-    const A dt = te - ts;
-    const A decay = exp_neg(sigma * dt);
-    const A w = trans * (A(1) - decay);
-    A feat_dot = 0;
-    if (g.d_features || feat_in_weight_grad) {
-      for (int64_t d = lane; d < D; d += G) {
-        const A gf = load_or_zero<A>(g.g_features, r * D + d);
-        if (g.d_features) store(g.d_features, j * D + d, w * gf);
-        if (feat_in_weight_grad) feat_dot += gf * A(load(in.features, j * D + d));
-      }
-    }
-    if (feat_in_weight_grad) feat_dot = group_sum<G>(feat_dot);
-    if (lane == 0) {
-      const A mid = A(0.5) * (ts + te);
-      const A dl_dw = gr * A(load(in.rgbs, 3 * j)) + gg * A(load(in.rgbs, 3 * j + 1)) +
-                      gb * A(load(in.rgbs, 3 * j + 2)) + gd * mid + go + feat_dot;
-      if (g.d_rgbs) {
-        store(g.d_rgbs, 3 * j, w * gr);
-        store(g.d_rgbs, 3 * j + 1, w * gg);
-        store(g.d_rgbs, 3 * j + 2, w * gb);
-      }
-      prefix += w * dl_dw;
-      const A dl_dsd = dl_dw * (trans * decay) - (total - prefix);
-      if (g.d_sigmas) store(g.d_sigmas, j, dl_dsd * dt);
-      const A dl_ddt = dl_dsd * sigma, dl_dmid = A(0.5) * w * gd;
-      if (g.d_t_starts) store(g.d_t_starts, j, dl_dmid - dl_ddt);
-      if (g.d_t_ends) store(g.d_t_ends, j, dl_dmid + dl_ddt);
-    }
-    trans *= decay;
-  }
-  // Samples behind the termination point contribute nothing.
-  for (int64_t k = j; k < end; ++k) {
-    for (int64_t d = lane; d < D; d += G)
-      if (g.d_features) store(g.d_features, k * D + d, A(0));
-    if (lane == 0) {
-      if (g.d_sigmas) store(g.d_sigmas, k, A(0));
-      if (g.d_t_starts) store(g.d_t_starts, k, A(0));
-      if (g.d_t_ends) store(g.d_t_ends, k, A(0));
-      if (g.d_rgbs)
-        for (int c = 0; c < 3; ++c) store(g.d_rgbs, 3 * k + c, A(0));
-    }
-  }
+  WarpLanes<AccOf<S>, S, G> lanes{int(tid % G)};
+  composite_forward_ray<AccOf<S>>(in, out, r, lanes);
+}
+
+template <typename S, int G>
+__global__ void backward_kernel(CompositeInputs<S> in, CompositeGrads<S> g) {
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t r = tid / G;
+  if (r >= in.n_rays) return;
+  WarpLanes<AccOf<S>, S, G> lanes{int(tid % G)};
+  composite_backward_ray<AccOf<S>>(in, g, r, lanes);
 }
 
 // ranges[2r] = first sample of ray r, ranges[2r+1] = one past its last (turned into a count
@@ -193,23 +103,6 @@ __global__ void ends_to_counts_kernel(int64_t n_rays, int64_t* ranges) {
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r < n_rays) ranges[2 * r + 1] = ranges[2 * r + 1] > ranges[2 * r] ? ranges[2 * r + 1] - ranges[2 * r] : 0;
 }
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("fastnefes ") + what + ": " + cudaGetErrorString(err));
-}
-
-// Runs the launch with `device` current and restores the caller's device.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceScope() { cudaSetDevice(previous_); }
-
- private:
-  int previous_ = 0;
-};
 
 template <typename S>
 CompositeInputs<S> typed(const CompositeInputs<void>& in) {
@@ -264,6 +157,7 @@ void launch_backward(const CompositeInputs<void>& in, const CompositeGrads<void>
 
 }  // namespace
 
+// The CUDA build links the *_cuda.cu launchers (the CPU-only build links no_cuda.cpp instead).
 bool cuda_kernels_built() { return true; }
 
 void composite_forward_cuda(DType dtype, const CompositeInputs<void>& in, const CompositeOutputs<void>& out,

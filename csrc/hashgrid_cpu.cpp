@@ -1,6 +1,6 @@
-// CPU hash-grid encoding. Loops run level by level over a whole range of points, so one level's
-// table (up to 2^19 entries, 4 MB) stays hot in cache while every point reads it; the output rows
-// are then written with a stride, which streams well (measured ~1.8x faster than point blocks of
+// CPU launcher of the hash-grid kernel body (hashgrid_kernel.h). Loops run level by level over a
+// whole range of points, so one level's table (up to 2^19 entries, 4 MB) stays hot in cache while
+// every point reads it; the output rows are then written with a stride, which streams well (measured ~1.8x faster than point blocks of
 // 1k-64k with all levels per block, whose working set is all 16 tables).
 // Forward: each OpenMP thread takes a contiguous range of points. Backward w.r.t. the table:
 // OpenMP over levels, so each thread owns disjoint table slices (no atomics; the table gradient is
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "hashgrid.h"
+#include "hashgrid_kernel.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -19,57 +20,13 @@
 namespace fastnefes {
 namespace {
 
-constexpr uint32_t kPrimeY = 2654435761u, kPrimeZ = 805459861u;
-
-// index mod size: a mask for power-of-two (hashed) levels, a rarely taken modulo for dense ones
-// (a dense index exceeds the size only on the far faces of the unit cube).
-inline uint32_t wrap(uint32_t index, const GridLevel& lv) {
-  if ((lv.size & (lv.size - 1)) == 0) return index & (lv.size - 1);
-  return index < lv.size ? index : index % lv.size;
-}
-
-// The 8 corners of one point in one level: table entries (level-relative) and trilinear factors.
+// The table gradient of one thread's levels: plain adds (each level has one owner thread).
 template <typename T>
-struct Corners {
-  uint32_t index[8];
-  T weight[8];
-  T frac[3];
+struct OwnedTableGrad {
+  T* grad;
+  bool enabled() const { return grad != nullptr; }
+  void add(int64_t e, T v) { grad[e] += v; }
 };
-
-template <typename T>
-inline Corners<T> level_corners(const T* x, const GridLevel& lv) {
-  Corners<T> c;
-  uint32_t cell[3];
-  for (int d = 0; d < 3; ++d) {
-    // One rounding from the exact product, as tcnn's fmaf(scale, x, 0.5f).
-    const T pos = T(double(x[d]) * lv.scale + 0.5);
-    const T fl = std::floor(pos);
-    c.frac[d] = pos - fl;
-    cell[d] = uint32_t(int64_t(fl));
-  }
-  const uint32_t res = lv.resolution;
-  for (int k = 0; k < 8; ++k) {
-    const uint32_t cx = cell[0] + (k & 1), cy = cell[1] + ((k >> 1) & 1), cz = cell[2] + ((k >> 2) & 1);
-    const uint32_t idx = lv.dense ? cx + cy * res + cz * (res * res) : cx ^ (cy * kPrimeY) ^ (cz * kPrimeZ);
-    c.index[k] = wrap(idx, lv);
-    const T fx = (k & 1) ? c.frac[0] : T(1) - c.frac[0];
-    const T fy = (k & 2) ? c.frac[1] : T(1) - c.frac[1];
-    const T fz = (k & 4) ? c.frac[2] : T(1) - c.frac[2];
-    c.weight[k] = fx * fy * fz;
-  }
-  return c;
-}
-
-// kF: features per level as a compile-time constant (0 = read a.n_features at run time).
-template <typename T, int kF>
-inline void gather(const HashGridArgs<T>& a, const GridLevel& lv, const Corners<T>& c, T* o) {
-  const int F = kF ? kF : a.n_features;
-  for (int f = 0; f < F; ++f) o[f] = 0;
-  for (int k = 0; k < 8; ++k) {
-    const T* v = a.params + (lv.offset + c.index[k]) * F;
-    for (int f = 0; f < F; ++f) o[f] += c.weight[k] * v[f];
-  }
-}
 
 // Points whose corners are computed (and their table lines prefetched) before any is gathered,
 // so the cache misses of a whole batch overlap.
@@ -77,69 +34,43 @@ constexpr int64_t kGatherBatch = 16;
 
 // Forward of points [start, stop) in one level.
 template <typename T, int kF>
-inline void level_forward(const HashGridArgs<T>& a, const GridLevel& lv, int64_t start, int64_t stop,
+inline void level_forward(const HashGridArgs<T, T>& a, const GridLevel& lv, int64_t start, int64_t stop,
                           int64_t row, T* out_column) {
   const int F = kF ? kF : a.n_features;
   Corners<T> batch[kGatherBatch];
   for (int64_t b = start; b < stop; b += kGatherBatch) {
     const int64_t n_batch = std::min(kGatherBatch, stop - b);
     for (int64_t i = 0; i < n_batch; ++i) {
-      batch[i] = level_corners(a.x + 3 * (b + i), lv);
+      batch[i] = level_corners<T>(a.x + 3 * (b + i), lv);
       for (int k = 0; k < 8; ++k) __builtin_prefetch(a.params + (lv.offset + batch[i].index[k]) * F);
     }
-    for (int64_t i = 0; i < n_batch; ++i) gather<T, kF>(a, lv, batch[i], out_column + (b + i) * row);
-  }
-}
-
-// Backward of one point in one level: scatter into the table (if given) and add d/dx (if given).
-template <typename T, int kF>
-inline void scatter(const HashGridArgs<T>& a, const GridLevel& lv, const Corners<T>& c, const T* g,
-                    T* grad_table, T* grad_x) {
-  const int F = kF ? kF : a.n_features;
-  T dl_dw[8];
-  for (int k = 0; k < 8; ++k) {
-    const int64_t e = (lv.offset + c.index[k]) * F;
-    if (grad_table)
-      for (int f = 0; f < F; ++f) grad_table[e + f] += c.weight[k] * g[f];
-    if (grad_x) {
-      T s = 0;
-      for (int f = 0; f < F; ++f) s += a.params[e + f] * g[f];
-      dl_dw[k] = s;
-    }
-  }
-  if (!grad_x) return;
-  for (int d = 0; d < 3; ++d) {
-    // d w_k / d frac_d: the other two axes' factors (in axis order), signed by bit d.
-    const int lo = d == 0 ? 1 : 0, hi = d == 2 ? 1 : 2;
-    T s = 0;
-    for (int k = 0; k < 8; ++k) {
-      const T f_lo = ((k >> lo) & 1) ? c.frac[lo] : T(1) - c.frac[lo];
-      const T f_hi = ((k >> hi) & 1) ? c.frac[hi] : T(1) - c.frac[hi];
-      const T term = dl_dw[k] * (f_lo * f_hi);
-      s += ((k >> d) & 1) ? term : -term;
-    }
-    grad_x[d] += s * T(lv.scale);
+    for (int64_t i = 0; i < n_batch; ++i) gather<T, T, kF>(a.params, lv, batch[i], F, out_column + (b + i) * row);
   }
 }
 
 // Backward of points [start, stop) in one level, batched and prefetched as level_forward.
 template <typename T, int kF>
-inline void level_backward(const HashGridArgs<T>& a, const GridLevel& lv, int64_t start, int64_t stop, int64_t row,
+inline void level_backward(const HashGridArgs<T, T>& a, const GridLevel& lv, int64_t start, int64_t stop, int64_t row,
                            const T* grad_out_column, T* grad_table, T* grad_x) {
   const int F = kF ? kF : a.n_features;
+  OwnedTableGrad<T> table{grad_table};
   Corners<T> batch[kGatherBatch];
   for (int64_t b = start; b < stop; b += kGatherBatch) {
     const int64_t n_batch = std::min(kGatherBatch, stop - b);
     for (int64_t i = 0; i < n_batch; ++i) {
-      batch[i] = level_corners(a.x + 3 * (b + i), lv);
+      batch[i] = level_corners<T>(a.x + 3 * (b + i), lv);
       for (int k = 0; k < 8; ++k) {
         const int64_t e = (lv.offset + batch[i].index[k]) * F;
         if (grad_table) __builtin_prefetch(grad_table + e, 1);
         if (grad_x) __builtin_prefetch(a.params + e);
       }
     }
-    for (int64_t i = 0; i < n_batch; ++i)
-      scatter<T, kF>(a, lv, batch[i], grad_out_column + (b + i) * row, grad_table, grad_x ? grad_x + 3 * (b + i) : nullptr);
+    for (int64_t i = 0; i < n_batch; ++i) {
+      T dx[3];
+      scatter<T, T, kF>(a.params, lv, batch[i], grad_out_column + (b + i) * row, F, table, grad_x != nullptr, dx);
+      if (grad_x)
+        for (int d = 0; d < 3; ++d) grad_x[3 * (b + i) + d] += dx[d];
+    }
   }
 }
 
@@ -150,7 +81,7 @@ inline void thread_range(int64_t n, int t, int nt, int64_t* start, int64_t* stop
 }
 
 template <typename T, int kF>
-void forward_impl(const HashGridArgs<T>& a, T* out, int n_threads) {
+void forward_impl(const HashGridArgs<T, T>& a, T* out, int n_threads) {
   const int F = kF ? kF : a.n_features, L = a.n_levels;
   const int64_t N = a.n_points, row = int64_t(L) * F;
 #pragma omp parallel num_threads(n_threads)
@@ -167,7 +98,7 @@ void forward_impl(const HashGridArgs<T>& a, T* out, int n_threads) {
 }
 
 template <typename T, int kF>
-void backward_impl(const HashGridArgs<T>& a, const T* grad_out, T* grad_params, T* grad_x, int n_threads) {
+void backward_impl(const HashGridArgs<T, T>& a, const T* grad_out, T* grad_params, T* grad_x, int n_threads) {
   const int F = kF ? kF : a.n_features, L = a.n_levels;
   const int64_t N = a.n_points, row = int64_t(L) * F;
   if (!grad_params) {
@@ -219,7 +150,7 @@ void backward_impl(const HashGridArgs<T>& a, const T* grad_out, T* grad_params, 
 }  // namespace
 
 template <typename T>
-void hashgrid_forward_cpu(const HashGridArgs<T>& a, T* out, int n_threads) {
+void hashgrid_forward_cpu(const HashGridArgs<T, T>& a, T* out, int n_threads) {
   switch (a.n_features) {
     case 1: return forward_impl<T, 1>(a, out, n_threads);
     case 2: return forward_impl<T, 2>(a, out, n_threads);
@@ -230,7 +161,7 @@ void hashgrid_forward_cpu(const HashGridArgs<T>& a, T* out, int n_threads) {
 }
 
 template <typename T>
-void hashgrid_backward_cpu(const HashGridArgs<T>& a, const T* grad_out, T* grad_params, T* grad_x, int n_threads) {
+void hashgrid_backward_cpu(const HashGridArgs<T, T>& a, const T* grad_out, T* grad_params, T* grad_x, int n_threads) {
   switch (a.n_features) {
     case 1: return backward_impl<T, 1>(a, grad_out, grad_params, grad_x, n_threads);
     case 2: return backward_impl<T, 2>(a, grad_out, grad_params, grad_x, n_threads);
@@ -240,9 +171,9 @@ void hashgrid_backward_cpu(const HashGridArgs<T>& a, const T* grad_out, T* grad_
   }
 }
 
-template void hashgrid_forward_cpu<float>(const HashGridArgs<float>&, float*, int);
-template void hashgrid_forward_cpu<double>(const HashGridArgs<double>&, double*, int);
-template void hashgrid_backward_cpu<float>(const HashGridArgs<float>&, const float*, float*, float*, int);
-template void hashgrid_backward_cpu<double>(const HashGridArgs<double>&, const double*, double*, double*, int);
+template void hashgrid_forward_cpu<float>(const HashGridArgs<float, float>&, float*, int);
+template void hashgrid_forward_cpu<double>(const HashGridArgs<double, double>&, double*, int);
+template void hashgrid_backward_cpu<float>(const HashGridArgs<float, float>&, const float*, float*, float*, int);
+template void hashgrid_backward_cpu<double>(const HashGridArgs<double, double>&, const double*, double*, double*, int);
 
 }  // namespace fastnefes

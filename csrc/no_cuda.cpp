@@ -1,8 +1,10 @@
-// The CPU-only build's CUDA entry points: they only raise. The CUDA build links
-// composite_cuda.cu instead, so bindings.cpp is the same code in both builds.
+// The CPU-only build's CUDA entry points: they only raise. The CUDA build links the *_cuda.cu
+// launchers instead, so bindings.cpp is the same code in both builds.
 #include <stdexcept>
 
 #include "composite.h"
+#include "hashgrid.h"
+#include "occgrid.h"
 
 namespace fastnefes {
 namespace {
@@ -22,5 +24,15 @@ void composite_backward_cuda(DType, const CompositeInputs<void>&, const Composit
   no_cuda();
 }
 void ray_ranges_cuda(const int64_t*, int64_t, int64_t, int64_t*, int, void*) { no_cuda(); }
+void hashgrid_forward_cuda(DType, DType, DType, const HashGridArgs<void, void>&, void*, int, void*) { no_cuda(); }
+void hashgrid_backward_cuda(DType, DType, DType, const HashGridArgs<void, void>&, const void*, void*, void*, int,
+                            void*) {
+  no_cuda();
+}
+void occgrid_count_cuda(DType, const MarchArgs<void>&, int64_t*, int, void*) { no_cuda(); }
+void occgrid_fill_cuda(DType, const MarchArgs<void>&, const int64_t*, int64_t*, void*, void*, int, void*) {
+  no_cuda();
+}
+void occgrid_mips_cuda(const uint8_t*, int, const int[3], uint8_t*, int, void*) { no_cuda(); }
 
 }  // namespace fastnefes

@@ -138,7 +138,7 @@ def test_backend_resolution(monkeypatch) -> None:
     monkeypatch.delenv("FASTNEFES_BACKEND", raising=False)
     monkeypatch.delenv("FASTNEFES_HASHGRID_BACKEND", raising=False)
     assert backends.resolve("hashgrid", "cpu") == "native"
-    assert "CPU-only" in backends._probe("hashgrid", "native", "cuda")
+    assert backends.OPS["hashgrid"] == ("tcnn", "native", "torch")  # native serves CUDA without tinycudann
     monkeypatch.setenv("FASTNEFES_HASHGRID_BACKEND", "torch")
     assert backends.resolve("hashgrid", "cpu") == "torch"
 

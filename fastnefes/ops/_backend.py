@@ -3,10 +3,11 @@
 Two builds, each a torch C++ extension compiled with `torch.utils.cpp_extension.load` into torch's
 extension cache (`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), rebuilt only when a
 source changes:
-    fastnefes_native_cpu   C++ only (OpenMP): compositing + hash grid on CPU tensors.
-    fastnefes_native_cuda  the same plus the CUDA compositing kernels; made only when torch is a
-                           CUDA build, a CUDA toolkit (nvcc) is found and a GPU is visible. It serves
-                           CPU tensors too, so a CUDA machine compiles once.
+    fastnefes_native_cpu   C++ only (OpenMP): compositing, hash grid and occupancy march on CPU
+                           tensors.
+    fastnefes_native_cuda  the same plus the CUDA launchers of the same kernel bodies; made only
+                           when torch is a CUDA build, a CUDA toolkit (nvcc) is found and a GPU is
+                           visible. It serves CPU tensors too, so a CUDA machine compiles once.
 Any build or load failure is remembered: one warning names the reason and the ops run their
 pure-torch twins. The probes only check the cheap preconditions (sources, compiler, ninja, an
 earlier failure), so `fastnefes doctor` never compiles unless asked (`--build`); the first op call
@@ -26,9 +27,9 @@ from types import ModuleType
 from fastnefes.ops import backends
 
 MODULE_NAMES = {"cpu": "fastnefes_native_cpu", "cuda": "fastnefes_native_cuda"}
-_CPP_SOURCES = ("bindings.cpp", "composite_cpu.cpp", "hashgrid_cpu.cpp")
+_CPP_SOURCES = ("bindings.cpp", "composite_cpu.cpp", "hashgrid_cpu.cpp", "occgrid_cpu.cpp")
 _CPU_ONLY_SOURCES = ("no_cuda.cpp",)  # raising CUDA entry points of the CPU-only build
-_CUDA_SOURCES = ("composite_cuda.cu",)
+_CUDA_SOURCES = ("composite_cuda.cu", "hashgrid_cuda.cu", "occgrid_cuda.cu")
 # -O3 without -march: the cache may be shared by machines with different CPUs (CI runners);
 # no FMA contraction, so products round as in the torch twins.
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
@@ -183,18 +184,9 @@ def _unavailable(device_type: str) -> str | None:
     return _precondition_reason()
 
 
-def _probe_composite(device_type: str) -> str | None:
-    return _unavailable(device_type)
-
-
-def _probe_hashgrid(device_type: str) -> str | None:
-    if device_type != "cpu":
-        return "the native hash grid is CPU-only (CUDA uses tinycudann or torch)"
-    return _unavailable(device_type)
-
-
-backends.register_probe("composite", "native", _probe_composite)
-backends.register_probe("hashgrid", "native", _probe_hashgrid)
+# Every native op has a CPU and a CUDA launcher of one kernel body: one probe serves them all.
+for _op in ("composite", "hashgrid", "occgrid"):
+    backends.register_probe(_op, "native", _unavailable)
 
 
 def _build_directory(kind: str) -> str:

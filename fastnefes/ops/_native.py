@@ -1,12 +1,14 @@
 """Autograd wrappers of the native kernels (csrc/), with the pure-torch twins' signatures.
 
 `composite_native` matches `fastnefes.ops.composite.composite_torch` and `hash_grid_encode_native`
-matches `fastnefes.ops.hashgrid.hash_grid_encode_torch`; where the native module cannot be built
-or loaded (see fastnefes.ops._backend) both run their twin, after one warning.
+matches `fastnefes.ops.hashgrid.hash_grid_encode_torch` (the march is in
+fastnefes.ops.occgrid._native); where the native module cannot be built or loaded (see
+fastnefes.ops._backend) each runs its twin, after one warning.
 
 Dtypes: compositing runs in the promoted dtype of its float inputs (float32 / float64 on CPU, plus
 float16 / bfloat16 storage on CUDA with float accumulation; CPU half inputs are computed in
-float32). The hash grid runs in float32 or float64 on CPU.
+float32). The hash grid runs in float32 or float64; on CUDA its table may also be float16
+(accumulated in float32), see `_grid_dtypes`.
 """
 
 from __future__ import annotations
@@ -99,38 +101,56 @@ def composite_native(sigmas: Tensor, rgbs: Tensor, features: Tensor | None, t_st
                            depth=depth.to(dtype), opacity=opacity.to(dtype))
 
 
-# Level tables handed to the kernel, per config: (scale, resolution, size, offset, dense) per level.
-_LEVELS: dict[tuple, list[tuple]] = {}
+# Packed level records per (config, device): (CPU copy for the shape checks, copy on the device).
+_LEVELS: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
-def _levels_of(cfg: HashGridConfig) -> list[tuple]:
-    key = astuple(cfg)
+def _levels_of(cfg: HashGridConfig, module, device: torch.device) -> tuple[Tensor, Tensor]:
+    key = (astuple(cfg), str(device))
     levels = _LEVELS.get(key)
     if levels is None:
-        levels = [(lv.scale, lv.resolution, lv.size, lv.offset, lv.dense) for lv in cfg.levels()]
-        _LEVELS[key] = levels
+        host = module.pack_levels([(lv.scale, lv.resolution, lv.size, lv.offset, lv.dense) for lv in cfg.levels()])
+        levels = _LEVELS[key] = (host, host.to(device))
     return levels
+
+
+def _grid_dtypes(x: Tensor, params: Tensor) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(positions, parameters, output) dtypes the kernels run with for these inputs.
+
+    CPU: float32 or float64 throughout. CUDA: float64 throughout, or float32 positions with float32
+    or float16 parameters (float16 output when both inputs are half, as tcnn's half grid).
+    """
+    dtype = torch.promote_types(x.dtype, params.dtype)
+    if dtype == torch.float64:
+        return dtype, dtype, dtype
+    if not x.is_cuda:
+        return torch.float32, torch.float32, torch.float32
+    p_dtype = params.dtype if params.dtype in (torch.float32, torch.float16) else torch.float32
+    return torch.float32, p_dtype, torch.float16 if dtype == torch.float16 else torch.float32
 
 
 class _HashGrid(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, params: Tensor, levels: list[tuple], n_features: int, module) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, params: Tensor, levels: tuple[Tensor, Tensor], n_features: int,
+                out_dtype: torch.dtype, module) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, params)
-        ctx.levels, ctx.n_features, ctx.module = levels, n_features, module
-        return module.hashgrid_forward(x, params, levels, n_features)
+        ctx.levels, ctx.n_features, ctx.out_dtype, ctx.module = levels, n_features, out_dtype, module
+        return module.hashgrid_forward(x, params, *levels, n_features, out_dtype, _stream(x))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple:  # type: ignore[override]
         x, params = ctx.saved_tensors
         grad_x, grad_params = ctx.module.hashgrid_backward(
-            x, params, ctx.levels, ctx.n_features, grad_out.to(x.dtype).contiguous(),
-            bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
-        return grad_x, grad_params, None, None, None
+            x, params, *ctx.levels, ctx.n_features, grad_out.to(ctx.out_dtype).contiguous(),
+            bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), _stream(x))
+        if grad_params is not None:
+            grad_params = grad_params.to(params.dtype)  # float32 accumulation for half tables
+        return grad_x, grad_params, None, None, None, None
 
 
 def hash_grid_encode_native(x: Tensor, params: Tensor, cfg: HashGridConfig) -> Tensor:
-    """Hash-grid encoding on CPU; shapes and semantics as `hash_grid_encode_torch`.
+    """Hash-grid encoding on CPU or CUDA; shapes and semantics as `hash_grid_encode_torch`.
 
     Args:
         x: [N, 3] positions, expected in [0, 1] (not clamped).
@@ -138,15 +158,16 @@ def hash_grid_encode_native(x: Tensor, params: Tensor, cfg: HashGridConfig) -> T
     Returns:
         [N, L*F] (dtype of x and params promoted); differentiable w.r.t. x and params.
     """
-    module = load_native("cpu") if x.device.type == "cpu" else None
+    module = load_native(x.device.type)
     if module is None:
         return hash_grid_encode_torch(x, params, cfg)
     if x.dim() != 2 or x.shape[1] != 3:
         raise ValueError(f"hash grid: x must be [N, 3], got {tuple(x.shape)}")
     if params.dim() != 1 or params.shape[0] != cfg.n_params:
         raise ValueError(f"hash grid: params must be [{cfg.n_params}], got {tuple(params.shape)}")
-    dtype = torch.promote_types(x.dtype, params.dtype)
-    compute = dtype if dtype in _CPU_DTYPES else torch.float32
-    out = _HashGrid.apply(x.to(compute).contiguous(), params.to(compute).contiguous(), _levels_of(cfg),
-                          cfg.n_features_per_level, module)
-    return out.to(dtype)
+    if params.device != x.device:
+        raise ValueError(f"hash grid: x on {x.device}, params on {params.device}")
+    x_dtype, p_dtype, out_dtype = _grid_dtypes(x, params)
+    out = _HashGrid.apply(x.to(x_dtype).contiguous(), params.to(p_dtype).contiguous(),
+                          _levels_of(cfg, module, x.device), cfg.n_features_per_level, out_dtype, module)
+    return out.to(torch.promote_types(x.dtype, params.dtype))

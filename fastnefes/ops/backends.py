@@ -1,8 +1,8 @@
 """Run-time choice of the backend behind each fast op, and a report of the choice.
 
 Ops and their backends, best first:
-    hashgrid:  tcnn (CUDA, tinycudann importable) > native (csrc, CPU) > torch
-    occgrid:   nerfacc (CUDA, nerfacc's CUDA extension loads) > torch
+    hashgrid:  tcnn (CUDA, tinycudann importable) > native (csrc, CPU and CUDA) > torch
+    occgrid:   nerfacc (CUDA, nerfacc's CUDA extension loads) > native (csrc, CPU and CUDA) > torch
     composite: native (csrc, CPU and CUDA) > torch
 
 `FASTNEFES_BACKEND=torch` forces every op onto its pure-torch reference; a per-op variable
@@ -19,7 +19,7 @@ from typing import Callable
 
 OPS = {
     "hashgrid": ("tcnn", "native", "torch"),
-    "occgrid": ("nerfacc", "torch"),
+    "occgrid": ("nerfacc", "native", "torch"),
     "composite": ("native", "torch"),
 }
 

@@ -2,7 +2,8 @@
 grids for empty-space skipping, and marching that returns packed samples.
 
 Backend (fastnefes.ops.backends, op "occgrid"): nerfacc's CUDA traversal when available, else the
-pure-torch march in _torch_impl. Both read the same buffers (aabbs, occs, binaries).
+native march (csrc, CPU and CUDA), else the pure-torch march in _torch_impl. All read the same
+buffers (aabbs, occs, binaries) and the native and torch marches return the same samples.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from fastnefes.errors import FastnefesError
 from fastnefes.ops import backends
+from fastnefes.ops.occgrid._native import march_rays_native, occupancy_mips
 from fastnefes.ops.occgrid._torch_impl import march_rays, visibility_mask
 
 __all__ = ["OccupancyGrid"]
@@ -47,6 +49,8 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("aabbs", torch.stack([_enlarge_aabb(roi, 2.0**i) for i in range(levels)]))
         self.register_buffer("occs", torch.zeros(levels * self.cells_per_lvl))
         self.register_buffer("binaries", torch.zeros(levels, resolution, resolution, resolution, dtype=torch.bool))
+        self._mips_of: tuple[Tensor, int] | None = None  # (binaries tensor, its version) the mips belong to
+        self._mips: Tensor | None = None
 
     @property
     def backend(self) -> str:
@@ -87,14 +91,27 @@ class OccupancyGrid(nn.Module):
             far = torch.minimum(far, t_max.to(far))
         if stratified:
             near = near + torch.rand_like(near) * render_step_size
-        ray_indices, t_starts, t_ends = march_rays(rays_o, rays_d, self.binaries, self.aabbs, near, far,
-                                                   render_step_size, cone_angle)
+        if self.backend == "native":
+            ray_indices, t_starts, t_ends = march_rays_native(rays_o, rays_d, self.binaries, self.aabbs, near, far,
+                                                              render_step_size, cone_angle, self._native_mips())
+        else:
+            ray_indices, t_starts, t_ends = march_rays(rays_o, rays_d, self.binaries, self.aabbs, near, far,
+                                                       render_step_size, cone_angle)
         if (alpha_thre > 0.0 or early_stop_eps > 0.0) and (sigma_fn is not None or alpha_fn is not None) and ray_indices.numel():
             alpha_thre = min(alpha_thre, self.occs.mean().item())
             keep = visibility_mask(t_starts, t_ends, ray_indices, rays_o.shape[0], sigma_fn, alpha_fn,
                                    early_stop_eps, alpha_thre)
             ray_indices, t_starts, t_ends = ray_indices[keep], t_starts[keep], t_ends[keep]
         return ray_indices, t_starts, t_ends
+
+    def _native_mips(self) -> Tensor | None:
+        """The native march's coarse occupancies of `binaries`, rebuilt only when they change: every
+        in-place write bumps the tensor's version, `.to()` makes a new tensor (compared by identity;
+        holding it keeps its memory from being reused by another)."""
+        b = self.binaries
+        if self._mips_of is None or self._mips_of[0] is not b or self._mips_of[1] != b._version:
+            self._mips, self._mips_of = occupancy_mips(b), (b, b._version)
+        return self._mips
 
     # ---- update ---------------------------------------------------------------------------
     def _cell_coords(self, indices: Tensor) -> Tensor:

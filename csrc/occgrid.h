@@ -1,0 +1,75 @@
+// Occupancy-grid ray marching (nerfacc's traversal semantics, the pure-torch twin's exact outputs):
+// the launchers' declarations. The march of one ray is in occgrid_kernel.h, shared by the CPU and
+// CUDA launchers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernel_common.h"
+
+namespace fastnefes {
+
+constexpr int kMaxMips = 20;  // grids up to 2^20 cells per axis
+
+// T: the rays' type (float / double); every position and distance the twin computes in T is
+// computed in T here, operation by operation.
+template <typename T>
+struct MarchArgs {
+  int64_t n_rays;
+  const T* rays_o;          // [R, 3]
+  const T* rays_d;          // [R, 3]
+  const T* near;            // [R] march start (the march is anchored here: t_0 = near)
+  const T* far;             // [R]
+  const uint8_t* binaries;  // [L, res0, res1, res2] 0 / 1, x-major (nerfacc's layout)
+  const uint8_t* mips;      // coarser occupancies, mips 1..n_mips (occgrid_mip_offset)
+  const T* aabbs;           // [L, 6] nested boxes (level l + 1 contains level l)
+  int n_levels;
+  int res[3];
+  int n_mips;
+  int64_t mip_offset[kMaxMips + 1];  // first cell of mip m (m >= 1) in `mips`
+  double step;              // render step size
+  double cone_angle;        // > 0: steps grow as t * cone_angle once that exceeds step
+};
+
+// Mip m >= 1 of a grid: cells of 2^m x 2^m x 2^m fine cells, ceil(res / 2^m) per axis, up to the
+// first mip of one cell; all levels of mip 1, then all of mip 2, ...; a mip cell is 1 when any of
+// its fine cells is occupied. Sets n_mips and mip_offset; returns the cells of all mips.
+template <typename T>
+int64_t occgrid_plan_mips(MarchArgs<T>& a);
+
+// The CPU march's packed samples, one part per block of rays (concatenated in ray order).
+template <typename T>
+struct MarchSample {
+  int64_t ray;
+  T t_start, t_end;
+};
+
+template <typename T>
+using MarchParts = std::vector<std::vector<MarchSample<T>>>;
+
+template <typename T>
+MarchParts<T> occgrid_march_cpu(const MarchArgs<T>& a, int n_threads);
+
+// binaries [L, res^3] -> mips [occgrid_mips_size]
+void occgrid_mips_cpu(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int n_threads);
+
+// The same arguments with the float pointers type-erased (for the CUDA entry points).
+template <typename T>
+MarchArgs<void> erase_type(const MarchArgs<T>& a) {
+  MarchArgs<void> e{a.n_rays, a.rays_o, a.rays_d, a.near, a.far, a.binaries, a.mips, a.aabbs, a.n_levels,
+                    {a.res[0], a.res[1], a.res[2]}, a.n_mips, {}, a.step, a.cone_angle};
+  for (int m = 0; m <= kMaxMips; ++m) e.mip_offset[m] = a.mip_offset[m];
+  return e;
+}
+
+// CUDA entry points, type-erased (occgrid_cuda.cu; raising in the CPU-only build): the samples
+// are counted per ray, the caller turns counts into offsets (an exclusive cumulative sum), then
+// the same march writes them.
+void occgrid_count_cuda(DType dtype, const MarchArgs<void>& a, int64_t* counts, int device, void* stream);
+void occgrid_fill_cuda(DType dtype, const MarchArgs<void>& a, const int64_t* offsets, int64_t* ray_indices,
+                       void* t_starts, void* t_ends, int device, void* stream);
+void occgrid_mips_cuda(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int device,
+                       void* stream);
+
+}  // namespace fastnefes

@@ -1,0 +1,115 @@
+// CUDA launcher of the occupancy-grid march (occgrid_kernel.h): one thread per ray, run twice
+// with the same body, first counting each ray's samples, then (after the caller's cumulative
+// sum) writing them at the ray's offset, so the output is packed in ray order without sorting.
+#include "cuda_common.h"
+#include "occgrid.h"
+#include "occgrid_kernel.h"
+
+namespace fastnefes {
+namespace {
+
+template <typename T>
+struct CountEmit {
+  int64_t n = 0;
+  __device__ void operator()(int64_t, T, T) { ++n; }
+};
+
+template <typename T>
+struct FillEmit {
+  int64_t at;
+  int64_t* rays;
+  T* t0;
+  T* t1;
+  __device__ void operator()(int64_t r, T a, T b) {
+    rays[at] = r;
+    t0[at] = a;
+    t1[at] = b;
+    ++at;
+  }
+};
+
+template <typename T>
+MarchArgs<T> typed(const MarchArgs<void>& e) {
+  MarchArgs<T> a{e.n_rays, static_cast<const T*>(e.rays_o), static_cast<const T*>(e.rays_d),
+                 static_cast<const T*>(e.near), static_cast<const T*>(e.far), e.binaries, e.mips,
+                 static_cast<const T*>(e.aabbs), e.n_levels, {e.res[0], e.res[1], e.res[2]}, e.n_mips, {},
+                 e.step, e.cone_angle};
+  for (int m = 0; m <= kMaxMips; ++m) a.mip_offset[m] = e.mip_offset[m];
+  return a;
+}
+
+template <typename T>
+__global__ void count_kernel(MarchArgs<T> a, int64_t* counts) {
+  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= a.n_rays) return;
+  CountEmit<T> emit;
+  march_ray(a, r, emit);
+  counts[r] = emit.n;
+}
+
+template <typename T>
+__global__ void fill_kernel(MarchArgs<T> a, const int64_t* offsets, int64_t* rays, T* t0, T* t1) {
+  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= a.n_rays) return;
+  FillEmit<T> emit{offsets[r], rays, t0, t1};
+  march_ray(a, r, emit);
+}
+
+__global__ void mip_kernel(const uint8_t* child, uint8_t* mip, int n_levels, int r0, int r1, int r2, int m,
+                           int res0, int res1, int res2, int64_t child_cells) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t cells = int64_t(r0) * r1 * r2;
+  if (c >= n_levels * cells) return;
+  const int res[3] = {res0, res1, res2};
+  const int64_t l = c / cells, i = c % cells;
+  mip[c] = mip_cell(child + l * child_cells, res, m, int(i / (int64_t(r1) * r2)), int(i / r2 % r1), int(i % r2));
+}
+
+}  // namespace
+
+void occgrid_count_cuda(DType dtype, const MarchArgs<void>& a, int64_t* counts, int device, void* stream) {
+  if (a.n_rays == 0) return;
+  DeviceScope scope(device);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == DType::kDouble)
+    count_kernel<double><<<blocks_for(a.n_rays), kBlock, 0, s>>>(typed<double>(a), counts);
+  else
+    count_kernel<float><<<blocks_for(a.n_rays), kBlock, 0, s>>>(typed<float>(a), counts);
+  check(cudaGetLastError(), "occupancy march (count) launch");
+}
+
+void occgrid_fill_cuda(DType dtype, const MarchArgs<void>& a, const int64_t* offsets, int64_t* ray_indices,
+                       void* t_starts, void* t_ends, int device, void* stream) {
+  if (a.n_rays == 0) return;
+  DeviceScope scope(device);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == DType::kDouble)
+    fill_kernel<double><<<blocks_for(a.n_rays), kBlock, 0, s>>>(typed<double>(a), offsets, ray_indices,
+                                                                 static_cast<double*>(t_starts),
+                                                                 static_cast<double*>(t_ends));
+  else
+    fill_kernel<float><<<blocks_for(a.n_rays), kBlock, 0, s>>>(typed<float>(a), offsets, ray_indices,
+                                                               static_cast<float*>(t_starts),
+                                                               static_cast<float*>(t_ends));
+  check(cudaGetLastError(), "occupancy march (fill) launch");
+}
+
+void occgrid_mips_cuda(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int device,
+                       void* stream) {
+  DeviceScope scope(device);
+  auto s = static_cast<cudaStream_t>(stream);
+  const uint8_t* child = binaries;
+  uint8_t* mip = mips;
+  for (int m = 1; m < kMaxMips && max_of(max_of(mip_res(res[0], m - 1), mip_res(res[1], m - 1)), mip_res(res[2], m - 1)) > 1;
+       ++m) {
+    const int r0 = mip_res(res[0], m), r1 = mip_res(res[1], m), r2 = mip_res(res[2], m);
+    const int64_t cells = mip_cells(res, m);
+    mip_kernel<<<blocks_for(n_levels * cells), kBlock, 0, s>>>(child, mip, n_levels, r0, r1, r2, m, res[0], res[1],
+                                                               res[2], mip_cells(res, m - 1));
+    child = mip;
+    mip += n_levels * cells;
+  }
+  check(cudaGetLastError(), "occupancy mips launch");
+}
+
+}  // namespace fastnefes
