@@ -167,22 +167,41 @@ def _opencv_distort(xn: np.ndarray, yn: np.ndarray, k1, k2, p1, p2):
     return xn * radial + 2 * p1 * xn * yn + p2 * (r2 + 2 * xn * xn), yn * radial + p1 * (r2 + 2 * yn * yn) + 2 * p2 * xn * yn
 
 
-@pytest.mark.parametrize("binary", [True, False])
-def test_colmap_opencv_camera_is_undistorted(tmp_path, binary):
-    h, w, f, cx, cy = 48, 64, 50.0, 32.0, 24.0
-    dist = (-0.25, 0.05, 0.01, -0.005)
+UNDISTORT_CASE = dict(h=48, w=64, f=50.0, cx=32.0, cy=24.0, dist=(-0.25, 0.05, 0.01, -0.005))
 
-    def pattern(u, v):
-        return 128 + 100 * np.sin(u / 5.0) * np.cos(v / 6.0)
 
-    # distorted image: for each stored pixel, find the undistorted point that maps onto it
+def _pattern(u, v):
+    return 128 + 100 * np.sin(u / 5.0) * np.cos(v / 6.0)
+
+
+def _distorted_image(h, w, f, cx, cy, dist) -> np.ndarray:
+    """The pattern seen through an OpenCV-distorted camera: for each stored pixel, the
+    undistorted point that the distortion model maps onto it (fixed-point inversion)."""
     ii, jj = np.mgrid[0:h, 0:w].astype(np.float64)
     xd, yd = (jj + 0.5 - cx) / f, (ii + 0.5 - cy) / f
     xu, yu = xd.copy(), yd.copy()
     for _ in range(50):
         ex, ey = _opencv_distort(xu, yu, *dist)
         xu, yu = xu - (ex - xd), yu - (ey - yd)
-    distorted = np.repeat(pattern(xu * f + cx, yu * f + cy)[..., None], 3, axis=2).round().astype(np.uint8)
+    return np.repeat(_pattern(xu * f + cx, yu * f + cy)[..., None], 3, axis=2).round().astype(np.uint8)
+
+
+def _check_undistorted(scene, distorted, h, w, **_):
+    ii, jj = np.mgrid[0:h, 0:w].astype(np.float64)
+    expected = _pattern(jj + 0.5, ii + 0.5)
+    inner = (slice(6, h - 6), slice(6, w - 6))
+    err = np.abs(scene.image(0)[..., 0].astype(float) - expected)[inner]
+    raw_err = np.abs(distorted[..., 0].astype(float) - expected)[inner]
+    # 0.41 / 1.8 with the half-pixel convention handled; ignoring it gives 0.60 / 3.3
+    assert err.mean() < 0.5 and err.max() < 2.5, (err.mean(), err.max())
+    assert raw_err.mean() > 10 * err.mean()  # the distortion is strong enough to matter
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_colmap_opencv_camera_is_undistorted(tmp_path, binary):
+    c = UNDISTORT_CASE
+    h, w, f, cx, cy, dist = c["h"], c["w"], c["f"], c["cx"], c["cy"], c["dist"]
+    distorted = _distorted_image(**c)
     (tmp_path / "images").mkdir()
     cv2.imwrite(str(tmp_path / "images/a.png"), distorted)
     c2w = np.eye(4)
@@ -198,13 +217,24 @@ def test_colmap_opencv_camera_is_undistorted(tmp_path, binary):
     assert scene.names == ["images/a.png"]
     np.testing.assert_allclose(scene.K[0], make_intrinsics(f, f, cx, cy))
     np.testing.assert_allclose(scene.c2w[0], c2w, atol=1e-12)
-    expected = pattern(jj + 0.5, ii + 0.5)
-    inner = (slice(6, h - 6), slice(6, w - 6))
-    err = np.abs(scene.image(0)[..., 0].astype(float) - expected)[inner]
-    raw_err = np.abs(distorted[..., 0].astype(float) - expected)[inner]
-    # 0.41 / 1.8 with the half-pixel convention handled; ignoring it gives 0.60 / 3.3
-    assert err.mean() < 0.5 and err.max() < 2.5, (err.mean(), err.max())
-    assert raw_err.mean() > 10 * err.mean()  # the distortion is strong enough to matter
+    _check_undistorted(scene, distorted, **c)
+
+
+def test_instant_ngp_distortion_is_undistorted(tmp_path):
+    """transforms.json as instant-ngp writes it: fl_x / fl_y / cx / cy and k1 k2 p1 p2 at the top."""
+    c = UNDISTORT_CASE
+    h, w, f, cx, cy, (k1, k2, p1, p2) = c["h"], c["w"], c["f"], c["cx"], c["cy"], c["dist"]
+    distorted = _distorted_image(**c)
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images/0001.jpg"), distorted, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    frames = [{"file_path": "./images/0001.jpg", "transform_matrix": np.eye(4).tolist()}]
+    meta = {"fl_x": f, "fl_y": f, "cx": cx, "cy": cy, "w": w, "h": h, "k1": k1, "k2": k2, "p1": p1, "p2": p2,
+            "aabb_scale": 4, "frames": frames}
+    (tmp_path / "transforms.json").write_text(json.dumps(meta))
+    scene = load_scene(tmp_path)
+    np.testing.assert_allclose(scene.K[0], make_intrinsics(f, f, cx, cy))
+    decoded = cv2.imread(str(tmp_path / "images/0001.jpg"))[..., ::-1]
+    _check_undistorted(scene, decoded, **c)
 
 
 def test_downscale_and_max_side(tmp_path):

@@ -38,7 +38,9 @@ def test_comments_and_blank_lines_ignored(tmp_path):
     "line, message",
     [
         ("a.png 1 0 0 0 0 0", "expected 8 fields"),
-        ("a.png 1 0 0 0 0 0 0 9", "expected 8 fields"),
+        ("a.png 1 0 0 0 0 0 0 9 9", "expected 8 fields"),
+        ("a.png 1 0 0 0 0 0 0 9", "confidence 9 is not in [0, 1]"),
+        ("a.png 1 0 0 0 0 0 0 high", "expected a number (confidence)"),
         ("a.png 1 0 0 0 nan 0 0", "non-finite"),
         ("a.png 1 0 0 0 inf 0 0", "non-finite"),
         ("a.png 1 0 0 0 x 0 0", "expected numbers"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -66,6 +67,7 @@ def refine_command(
     polish_rays: Annotated[Optional[int], typer.Option("--polish-rays", min=0, help="Rays fitted per query and polish level (default 1200): where a level has more pixels, one per block of the grid, the most textured (0 = every pixel).")] = None,
     polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).")] = False,
     device: DeviceOpt = "auto",
+    distributed: Annotated[bool, typer.Option("--distributed", help="Shard the queries over torchrun's ranks (automatic when torchrun starts several); rank 0 writes the outputs.")] = False,
     format: FormatOpt = None,
     downscale: DownscaleOpt = None,
     max_side: MaxSideOpt = None,
@@ -90,6 +92,11 @@ def refine_command(
     if target == "apr" and apr is None:
         raise FastnefesError("--target apr needs --apr (an APR directory from fastnefes apr train)")
 
+    from fastnefes.refine.distributed import refine_split_sharded, start_shard
+
+    shard = start_shard(distributed, device)  # None unless under torchrun: then one rank of a sharded run
+    if shard is not None:
+        device, console.quiet = shard.device, not shard.is_main
     model, scene = load_refinement_inputs(run, data, device, format, downscale, max_side, focal, sfm_poses)
     apr_model = None
     if target == "apr":
@@ -127,10 +134,14 @@ def refine_command(
         def on_progress(done: int) -> None:
             bar.update(task, completed=done)
 
-        result = refine_split(model, scene, split, init_poses, cfg, batch=batch, apr=apr_model, init_path=init or "APR", on_progress=on_progress)
+        refine = refine_split if shard is None else partial(refine_split_sharded, shard)
+        result = refine(model, scene, split, init_poses, cfg, batch=batch, apr=apr_model, init_path=init or "APR", on_progress=on_progress)
+    if result is None:  # a rank other than 0 of a sharded run: rank 0 writes the outputs
+        return
     write_poses(out, result.refined)
-    report = {"run": str(run), "data": str(data), "split": split, "device": str(model.device), "config": cfg.to_dict(),
-              "batch": batch, **result.to_json()}
+    report = {"run": str(run), "data": str(data), "data_options": scene.load_options, "split": split,
+              "device": str(model.device), "config": cfg.to_dict(),
+              "batch": batch, "ranks": shard.world_size if shard else 1, **result.to_json()}
     has_gt = True
     try:
         table, before, after = before_after_table(scene, split, result)

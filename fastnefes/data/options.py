@@ -50,7 +50,9 @@ class DataOptions:
         """The Scene at `data` loaded with these options."""
         from fastnefes.data.load import load_scene
 
-        return load_scene(data, **self.loader_kwargs())
+        scene = load_scene(data, **self.loader_kwargs())
+        scene.load_options = self.to_record(scene.root, scene.format)
+        return scene
 
     # ---- the record in a run ----------------------------------------------------------------
     def to_record(self, data_root: str | Path, scene_format: str = "") -> dict[str, Any]:

@@ -30,6 +30,7 @@ class Scene:
         depth_fn: i -> float32 [H, W] z-depth in dataset units (0 = invalid), or None.
         points: optional [M, 3] float64 sparse 3D points (e.g. from COLMAP) in the dataset frame.
         format: the format name the scene was loaded from.
+        load_options: how it was loaded (fastnefes.data.options record), for reports.
     """
 
     root: Path
@@ -42,6 +43,7 @@ class Scene:
     depth_fn: Optional[Callable[[int], np.ndarray]] = None
     points: Optional[np.ndarray] = None
     format: str = ""
+    load_options: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:

@@ -24,7 +24,8 @@ def parse_pose_line(fields: list[str], where: str, extra_fields: int = 0) -> tup
     """Parse `NAME qw qx qy qz tx ty tz [extra...]` into (name, c2w [4, 4])."""
     expected = 8 + extra_fields
     if len(fields) != expected:
-        raise FastnefesError(f"{where}: expected {expected} fields (NAME qw qx qy qz tx ty tz), found {len(fields)}")
+        raise FastnefesError(f"{where}: expected {expected} fields (NAME qw qx qy qz tx ty tz{' ...' * bool(extra_fields)}), "
+                             f"found {len(fields)}")
     try:
         values = [float(v) for v in fields[1:8]]
     except ValueError:
@@ -51,16 +52,35 @@ def read_poses(path: str | os.PathLike) -> dict[str, np.ndarray]:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        name, c2w = parse_pose_line(stripped.split(), f"{path}:{lineno}")
+        fields = stripped.split()
+        where = f"{path}:{lineno}"
+        if len(fields) == 9:  # a confidence column (fastnefes refine writes one)
+            confidence = _number(fields[8], where, "confidence")
+            if not 0.0 <= confidence <= 1.0:
+                raise FastnefesError(f"{where}: confidence {fields[8]} is not in [0, 1]")
+            fields = fields[:8]
+        name, c2w = parse_pose_line(fields, where)
         if name in poses:
             raise FastnefesError(f"{path}:{lineno}: duplicate image name {name!r}")
         poses[name] = c2w
     return poses
 
 
-def format_poses(poses: dict[str, np.ndarray]) -> str:
-    """Pose-file text for {name: camera-to-world [4, 4]}."""
-    lines = ["# NAME qw qx qy qz tx ty tz (world-to-camera, OpenCV camera axes)"]
+def _number(text: str, where: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise FastnefesError(f"{where}: expected a number ({what}), found {text!r}") from None
+    if not math.isfinite(value):
+        raise FastnefesError(f"{where}: non-finite {what} {text!r}")
+    return value
+
+
+def format_poses(poses: dict[str, np.ndarray], confidence: dict[str, float] | None = None) -> str:
+    """Pose-file text for {name: camera-to-world [4, 4]}; with `confidence` ({name: [0, 1]}),
+    a ninth column (as ACE-style localisers write)."""
+    header = "# NAME qw qx qy qz tx ty tz" + (" confidence" if confidence is not None else "")
+    lines = [header + " (world-to-camera, OpenCV camera axes)"]
     for name, c2w in poses.items():
         c2w = np.asarray(c2w, dtype=np.float64)
         if not np.all(np.isfinite(c2w)):
@@ -69,12 +89,13 @@ def format_poses(poses: dict[str, np.ndarray]) -> str:
         # t from the quaternion actually written, so the camera centre -R^T t survives exactly
         # even when the input rotation is orthonormal only to float32 precision.
         t = -quat_to_rotmat(q) @ c2w[:3, 3]
-        lines.append(f"{name} " + " ".join(f"{v:.10f}" for v in (*q, *t)))
+        extra = f" {float(confidence[name]):.4f}" if confidence is not None else ""
+        lines.append(f"{name} " + " ".join(f"{v:.10f}" for v in (*q, *t)) + extra)
     return "\n".join(lines) + "\n"
 
 
-def write_poses(path: str | os.PathLike, poses: dict[str, np.ndarray]) -> None:
-    """Write {name: camera-to-world [4, 4]} atomically."""
+def write_poses(path: str | os.PathLike, poses: dict[str, np.ndarray], confidence: dict[str, float] | None = None) -> None:
+    """Write {name: camera-to-world [4, 4]} (and an optional confidence column) atomically."""
     from fastnefes.io import write_text
 
-    write_text(path, format_poses(poses))
+    write_text(path, format_poses(poses, confidence))

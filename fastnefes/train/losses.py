@@ -99,9 +99,10 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> T
     return (g[:, None] @ g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def ssim(pred: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
-    """Mean SSIM (Wang et al. 2004) of images [B,C,H,W] in [0, data_range]: gaussian 11x11 window,
-    sigma 1.5, K1 = 0.01, K2 = 0.03, 'valid' filtering (no padding) -> [B]."""
+def ssim_map(pred: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+    """Per-pixel SSIM (Wang et al. 2004) of images [B,C,H,W] in [0, data_range], averaged over
+    channels: gaussian window (11x11, sigma 1.5), K1 = 0.01, K2 = 0.03, 'valid' filtering (no
+    padding) -> [B, H - window + 1, W - window + 1], each value the SSIM of the window it centres."""
     pred, target = pred.double(), target.double()
     c = pred.shape[1]
     win = _gaussian_window(window, sigma, c, pred.device, pred.dtype)
@@ -116,4 +117,9 @@ def ssim(pred: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5, dat
     sxy = filt(pred * target) - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
     den = (mu_x.pow(2) + mu_y.pow(2) + c1) * (sxx + syy + c2)
-    return (num / den).flatten(1).mean(1).float()
+    return (num / den).mean(1)
+
+
+def ssim(pred: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+    """Mean SSIM of images [B,C,H,W] (ssim_map averaged over the image) -> [B]."""
+    return ssim_map(pred, target, window, sigma, data_range).flatten(1).mean(1).float()

@@ -298,7 +298,8 @@ def render_split(run: str | Path, scene: Scene, split: str, out_dir: str | Path,
     summary = {"images": n, "psnr": sum(p["psnr"] for p in per_image) / n,
                "psnr_act": (sum(p["psnr_act"] for p in per_image) / n) if per_image[0]["psnr_act"] is not None else None,
                "ssim": sum(p["ssim"] for p in per_image) / n}
-    result = {"run": str(run), "split": split, "summary": summary, "images": per_image}
+    result = {"run": str(run), "split": split, "data_options": scene.load_options, "summary": summary,
+              "images": per_image}
     write_json(out_dir / "render.json", result)
     return result
 

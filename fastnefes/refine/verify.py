@@ -1,0 +1,109 @@
+"""Verification of a refinement against the query image itself (NeFeS's last step).
+
+The optimiser minimises a feature loss; a field that is wrong somewhere (poorly constrained
+geometry, features that match a repeated structure) can have its minimum away from the truth,
+and then refinement moves the pose there and reports success. The query's own pixels are
+independent evidence: the field's colour, rendered at the initial and at the refined pose
+(through the exposure transform predicted from the query's histogram), is compared with the
+query on the pixels where both renders see content. The refined pose is kept only when its
+rendering matches the query better (SSIM on the overlap); otherwise the initial pose comes
+back, flagged. A per-query confidence (the SSIM at the returned pose times the share of the
+view the field covers) says how far to trust the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SSIM_WINDOW = 7  # pixels at the verification resolution (small maps: 11 would eat the border)
+MIN_OPACITY = 0.5  # a pixel counts where the field renders content at both poses
+
+
+@dataclass
+class Verdict:
+    """Per query [B]: keep the refined pose?, and the evidence."""
+
+    accept: Tensor  # bool
+    ssim_initial: Tensor  # SSIM of the rendering at the initial pose vs the query, on the overlap
+    ssim_refined: Tensor
+    psnr_initial: Tensor  # dB, on the same pixels
+    psnr_refined: Tensor
+    coverage: Tensor  # share of the verification pixels in the overlap
+    confidence: Tensor  # in [0, 1], of the pose the verdict returns
+
+
+def verification_stride(height: int, width: int, rays: int) -> int:
+    """Render stride giving about `rays` pixels per view (at least 1)."""
+    return max(1, int(round(math.sqrt(height * width / max(rays, 1)))))
+
+
+@torch.no_grad()
+def render_for_verification(model, K: Tensor, c2w: Tensor, height: int, width: int, stride: int,
+                            histograms: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(RGB [B,3,h,w] through the query's exposure transform where the model has one,
+    opacity [B,h,w]) at poses c2w [B,4,4]."""
+    from fastnefes.render import render_image
+
+    out = render_image(model, K, c2w, height, width, stride=stride, fused=False, act_histograms=histograms)
+    rgb = out.get("rgb_act", out["rgb"]).clamp(0, 1)
+    return rgb.permute(0, 3, 1, 2), out["opacity"]
+
+
+def _masked_scores(rendered: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(SSIM [B], PSNR [B]) of rendered vs query [B,3,h,w] over mask [B,h,w] (SSIM windows
+    counted where their centre pixel is in the mask)."""
+    from fastnefes.train.losses import ssim_map
+
+    window = min(SSIM_WINDOW, rendered.shape[-2], rendered.shape[-1])
+    window -= 1 - window % 2  # odd
+    smap = ssim_map(rendered, query, window=window, sigma=1.5)
+    r = window // 2
+    inner = mask[:, r: r + smap.shape[-2], r: r + smap.shape[-1]].to(smap.dtype)
+    ssim = (smap * inner).flatten(1).sum(1) / inner.flatten(1).sum(1).clamp_min(1.0)
+    m = mask.to(rendered.dtype)[:, None]
+    mse = ((rendered - query) ** 2 * m).flatten(1).sum(1) / (3 * m.flatten(1).sum(1)).clamp_min(1.0)
+    psnr = -10.0 * torch.log10(mse.clamp_min(1e-10))
+    return ssim.float(), psnr.float()
+
+
+@torch.no_grad()
+def verify_refinement(model, images: np.ndarray | Tensor, K: Tensor, initial: Tensor, refined: Tensor,
+                      rays: int = 4800, margin: float = 0.0) -> Verdict:
+    """Judge refined poses against initial ones by the query images.
+
+    Args:
+        model: the feature-field model; images: uint8 [B,H,W,3] queries; K: [B,3,3];
+        initial, refined: [B,4,4] camera-to-world poses (dataset frame).
+        rays: pixels rendered per view and pose (sets the stride).
+        margin: SSIM the refined pose must gain over the initial one to be kept.
+    Returns:
+        Verdict with [B] tensors. A query whose renderings share no content pixel, or whose
+        scores are not finite, is not accepted (coverage 0, confidence 0).
+    """
+    from fastnefes.field.act import luma_histogram
+
+    device = model.device
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images, device=device)
+    B, H, W = x.shape[:3]
+    stride = verification_stride(H, W, rays)
+    hist = luma_histogram(x.cpu(), model.config.act_bins).to(device) if getattr(model, "act", None) is not None else None
+    query = F.interpolate(x.permute(0, 3, 1, 2).float() / 255.0, size=(H // stride, W // stride), mode="area")
+    K, initial, refined = (t.to(device=device, dtype=torch.float32) for t in (K, initial, refined))
+    poses = torch.cat([initial, refined])
+    rgb, opacity = render_for_verification(model, K.repeat(2, 1, 1), poses, H, W, stride,
+                                           None if hist is None else hist.repeat(2, 1))
+    mask = (opacity[:B] > MIN_OPACITY) & (opacity[B:] > MIN_OPACITY)
+    coverage = mask.flatten(1).float().mean(1)
+    scores = [_masked_scores(rgb[k * B:(k + 1) * B], query, mask) for k in (0, 1)]
+    (ssim0, psnr0), (ssim1, psnr1) = scores
+    finite = torch.isfinite(ssim0) & torch.isfinite(ssim1) & (coverage > 0)
+    accept = finite & (ssim1 > ssim0 + margin)
+    returned = torch.where(accept, ssim1, ssim0)
+    confidence = torch.where(finite, returned.clamp(0, 1) * coverage, torch.zeros_like(returned))
+    return Verdict(accept, ssim0, ssim1, psnr0, psnr1, coverage, confidence)
