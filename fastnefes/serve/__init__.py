@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from fastnefes.errors import FastnefesError
 
-EXTRA_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart", "httpx": "httpx"}
+EXTRA_MODULES = {"fastapi": "fastapi", "pydantic": "pydantic", "uvicorn": "uvicorn", "multipart": "python-multipart",
+                 "httpx": "httpx"}
 
 
 def require_extra(*modules: str) -> None:

@@ -18,13 +18,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
-
 from fastnefes.errors import FastnefesError
+from fastnefes.serve import require_extra
+
+try:  # the serve extra: without it, one line saying how to install it
+    from fastapi import FastAPI, File, Form, Request, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import ValidationError
+except ImportError:
+    require_extra()
+    raise
 from fastnefes.refine.config import RefineConfig
 from fastnefes.serve.batcher import DynamicBatcher
 from fastnefes.serve.schemas import ErrorResponse, RefineQuery, RefineResponse, RefineSettings, Timings

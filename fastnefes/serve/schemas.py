@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastnefes.serve import require_extra
+
+try:  # the serve extra: without it, one line saying how to install it
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError:
+    require_extra()
+    raise
 
 MAX_SIDE = 16384  # pixels: a camera larger than this is refused before any image is decoded
 
