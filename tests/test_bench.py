@@ -110,8 +110,8 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
     assert "| mlp / hash |" in md and "| field_forward |" in md and "queries/s @2" in md
 
 
-def test_gpu_suite_script_parses():
-    done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
+def test_gpu_check_script_parses():
+    done = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 

@@ -1,0 +1,154 @@
+"""Training steps of the default room with the occupancy march on its pure-torch twin vs the native
+kernel, side by side in one process: the same steps from the same trainer state, so both backends
+do identical work (their samples are the same, bit for bit).
+
+    python benchmarks/train_step.py [--data DIR] [--warmup 300] [--steps 8] [--repeats 4]
+                                    [--threads N] [--json out.json]
+
+Without --data it synthesises the default room (`fastnefes synth room --format 7scenes`) into
+--work. It trains `--warmup` steps (so the occupancy grid has been thresholded and has emptied),
+snapshots the trainer, then `--repeats` times runs the same `--steps` steps from the snapshot with
+FASTNEFES_OCCGRID_BACKEND=torch and =native (alternating which goes first). Reported: median step
+time per backend, the median time spent inside the march per step, the end-to-end ratio, and the
+largest difference between the two runs' losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastnefes.io import write_json  # noqa: E402
+from fastnefes.ops._allocator import keep_freed_memory_in_heap  # noqa: E402
+
+BACKENDS = ("torch", "native")
+
+
+def load_room(data: Path | None, work: Path):
+    from fastnefes.cli.options import load_scene_from_options
+
+    if data is None:
+        data = work / "room"
+        if not data.exists():
+            subprocess.run([sys.executable, "-m", "fastnefes", "synth", str(data), "--format", "7scenes"], check=True,
+                           stdout=subprocess.DEVNULL)
+    return load_scene_from_options(data), data
+
+
+def make_trainer(scene):
+    from fastnefes.data.normalize import compute_normalization
+    from fastnefes.train.config import TrainConfig
+    from fastnefes.train.run import build_model
+    from fastnefes.train.trainer import Trainer
+
+    cfg = TrainConfig()  # `fastnefes train` defaults
+    cfg.model.n_images = len(scene.split("train"))
+    torch.manual_seed(cfg.seed)
+    return Trainer(scene, cfg, build_model(cfg, compute_normalization(scene)))
+
+
+class MarchClock:
+    """Wall time inside the march functions OccupancyGrid.sampling calls."""
+
+    def __init__(self) -> None:
+        import fastnefes.ops.occgrid as occgrid
+
+        self.seconds = 0.0
+        for name in ("march_rays", "march_rays_native"):
+            setattr(occgrid, name, self._timed(getattr(occgrid, name)))
+
+    def _timed(self, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return run
+
+
+def run_steps(trainer, n: int, clock: MarchClock) -> tuple[list[float], list[float], list[float]]:
+    """n training steps as Trainer.run takes them: (step seconds, march seconds, losses)."""
+    step_s, march_s, losses = [], [], []
+    for _ in range(n):
+        clock.seconds = 0.0
+        start = time.perf_counter()
+        logged = trainer.step()
+        loss = float(logged["loss"])  # the step's own synchronisation point
+        step_s.append(time.perf_counter() - start)
+        march_s.append(clock.seconds)
+        losses.append(loss)
+        trainer.state.step += 1
+    return step_s, march_s, losses
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=None, help="dataset folder (default: synthesise the default room)")
+    ap.add_argument("--work", type=Path, default=Path("bench-work"), help="where the room is synthesised")
+    ap.add_argument("--warmup", type=int, default=300, help="steps trained before the snapshot")
+    ap.add_argument("--steps", type=int, default=8, help="steps per timed block")
+    ap.add_argument("--repeats", type=int, default=4, help="blocks per backend (interleaved)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    keep_freed_memory_in_heap()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fastnefes.ops import backends
+
+    scene, data = load_room(args.data, args.work)
+    clock = MarchClock()
+    trainer = make_trainer(scene)
+    os.environ["FASTNEFES_OCCGRID_BACKEND"] = "native"
+    if backends.resolve("occgrid", "cpu") != "native":
+        raise SystemExit("the native march is unavailable here: see `fastnefes doctor`")
+    start = time.perf_counter()
+    run_steps(trainer, args.warmup, clock)
+    print(f"warm-up: {args.warmup} steps in {time.perf_counter() - start:.0f} s, {trainer.state.n_rays} rays a step")
+    snapshot, rng = copy.deepcopy(trainer), torch.get_rng_state()
+
+    times = {b: {"step": [], "march": []} for b in BACKENDS}
+    losses: dict[str, list[float]] = {}
+    for rep in range(args.repeats):
+        for backend in (BACKENDS if rep % 2 == 0 else BACKENDS[::-1]):
+            os.environ["FASTNEFES_OCCGRID_BACKEND"] = backend
+            run = copy.deepcopy(snapshot)
+            torch.set_rng_state(rng)
+            step_s, march_s, loss = run_steps(run, args.steps, clock)
+            times[backend]["step"] += step_s
+            times[backend]["march"] += march_s
+            losses.setdefault(backend, loss)
+            print(f"repeat {rep} {backend:6s}: step {statistics.median(step_s) * 1e3:.0f} ms, "
+                  f"march {statistics.median(march_s) * 1e3:.1f} ms")
+    med = {b: {k: statistics.median(v) * 1e3 for k, v in t.items()} for b, t in times.items()}
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["native"], losses["torch"]))
+    result = {
+        "data": str(data), "warmup_steps": args.warmup, "steps": args.steps, "repeats": args.repeats,
+        "threads": torch.get_num_threads(), "rays_per_step": trainer.state.n_rays,
+        "median_ms": med,
+        "step_ratio_torch_over_native": med["torch"]["step"] / med["native"]["step"],
+        "march_ratio_torch_over_native": med["torch"]["march"] / med["native"]["march"],
+        "max_relative_loss_difference": loss_diff,
+    }
+    print(f"step: torch {med['torch']['step']:.0f} ms, native {med['native']['step']:.0f} ms -> "
+          f"{result['step_ratio_torch_over_native']:.2f}x end to end; march: torch {med['torch']['march']:.1f} ms, "
+          f"native {med['native']['march']:.2f} ms -> {result['march_ratio_torch_over_native']:.1f}x; "
+          f"largest relative loss difference {loss_diff:.2e}")
+    if args.json:
+        write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
