@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    from fastnefes.data import load_scene
+    from fastnefes.cli.options import load_scene_from_options
     from fastnefes.evaluate import evaluate_poses
     from fastnefes.geometry import perturb_poses, pose_errors
     from fastnefes.refine import RefineConfig, refine_split
@@ -52,7 +53,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     model, _ = load_run(args.run, device)
-    scene = load_scene(args.data)
+    scene = load_scene_from_options(Path(args.data), run=Path(args.run))  # as the run was trained (--sfm-poses ...)
     indices = scene.split(args.split)
     if args.limit:
         indices = indices[: args.limit]

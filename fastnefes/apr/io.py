@@ -119,6 +119,8 @@ def save_apr(apr: APR, out_dir: str | Path, scene: Optional[Scene] = None, metri
     meta = {
         "format": FORMAT, "version": VERSION, "config": apr.config.to_dict(),
         "input_hw": list(apr.image_hw), "scene": fingerprint, "training": metrics or {},
+        # how the training scene was loaded (as a field run records it): `apr predict` reuses it
+        "data": dict(scene.load_options) if scene is not None else {},
     }
     write_json(out_dir / CONFIG_FILE, _finite_json(meta))
     apr.fingerprint = fingerprint

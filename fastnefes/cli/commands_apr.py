@@ -99,7 +99,7 @@ def predict_command(
     from fastnefes.geometry import write_poses
 
     apr = load_apr(apr_dir, resolve_device(device))
-    scene = load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses)
+    scene = load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses, run=apr_dir)
     check_scene(apr, scene)
     idx, pred = predict_split(apr, scene, split)
     if not idx:
