@@ -10,11 +10,12 @@ On loopback, with the server in a subprocess (the same torch threads as this pro
 2. single: one client, requests one after another: the single-request latency;
 3. load: --clients closed-loop clients, --requests requests in all (at most --time-limit s):
    throughput and latency p50 / p95 / p99. Offline and load alternate --repeats times (medians).
-4. soak: --soak requests from --clients clients, --bad-fraction of them malformed (garbage
-   bytes, truncated PNG, wrong size, NaN pose, non-rotation, bad JSON, unknown setting): every
-   good one must come back 200 with its own id and a pose near the offline one, every bad one a
-   4xx, /health must answer throughout, and the server's resident memory after the run is
-   compared with the one after warm-up.
+4. soak: --soak requests (each with --soak-settings) from --clients clients, --bad-fraction
+   of them malformed (garbage bytes, truncated PNG, wrong size, NaN pose, non-rotation, bad
+   JSON, unknown setting): every good one must come back 200 with its own id and a pose nearest
+   its own query's offline pose (same settings), every bad one a 4xx, /health must answer
+   throughout, and the server's resident memory after the run is compared with the one after
+   warm-up (the first 10% of the soak).
 Every request carries a unique id (its `name`); each must be answered exactly once.
 """
 
@@ -35,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 LIGHT = {"iters": 20, "coarse_iters": 5, "search_pad": 0.0, "polish_iters": 5, "polish_levels": 2}
+SOAK = {"iters": 3, "search_pad": 0.0, "polish_iters": 0}  # per request: the soak is about robustness, not refinement
 
 
 def free_port() -> int:
@@ -107,18 +109,16 @@ def percentiles(latencies_s) -> dict:
     return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)} | {"mean": float(ms.mean())}
 
 
-def make_requests(queries, n: int, bad_fraction: float, tag: str, seed: int = 0) -> list:
+def make_requests(queries, n: int, bad_fraction: float, tag: str, seed: int = 0, settings: dict | None = None) -> list:
     """n requests cycling over the queries; a bad_fraction of them malformed (7 kinds in turn).
     Each entry: (image bytes, query dict or text, expected: query index or 'bad')."""
-    from fastnefes.serve.wire import encode_png
-
     rng = np.random.default_rng(seed)
     bad = set(rng.choice(n, int(round(n * bad_fraction)), replace=False).tolist()) if bad_fraction > 0 else set()
     out, kinds = [], 0
     for i in range(n):
         q = i % len(queries)
         png, query, small = queries[q]
-        query = {**query, "name": f"{tag}-{i}"}
+        query = {**query, "name": f"{tag}-{i}", **({"settings": settings} if settings else {})}
         if i not in bad:
             out.append((png, query, q))
             continue
@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--settings", default=json.dumps(LIGHT), help="refinement settings JSON (server and offline)")
     ap.add_argument("--soak", type=int, default=1000, help="requests in the malformed-request soak (0 = none)")
     ap.add_argument("--bad-fraction", type=float, default=0.1)
+    ap.add_argument("--soak-settings", default=json.dumps(SOAK), help="settings JSON sent with each soak request")
     ap.add_argument("--workdir", default="/tmp/fastnefes_serve_load")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -172,10 +173,10 @@ def main() -> None:
     import torch
 
     from fastnefes.cli.options import load_scene_from_options
-    from fastnefes.geometry import perturb_poses, pose_errors
+    from fastnefes.geometry import perturb_poses
     from fastnefes.ops._allocator import keep_freed_memory_in_heap
     from fastnefes.refine import RefineConfig, refine_split
-    from fastnefes.serve.wire import camera_to_wire, encode_png, pose_from_wire, pose_to_wire
+    from fastnefes.serve.wire import camera_to_wire, encode_png, pose_to_wire
     from fastnefes.train.run import load_run
 
     keep_freed_memory_in_heap()  # as the CLI (and so the server) does
@@ -193,15 +194,16 @@ def main() -> None:
         queries.append((encode_png(image), {"camera": camera_to_wire(scene.K[i], w, h), "pose": pose_to_wire(init[name])},
                         encode_png(image[: h // 2, : w // 2])))
 
-    def offline() -> tuple[float, object]:
+    def offline(cfg=config) -> tuple[float, object]:
         t0 = time.perf_counter()
-        result = refine_split(model, scene, args.split, init, config, batch=args.max_batch)
+        result = refine_split(model, scene, args.split, init, cfg, batch=args.max_batch)
         return len(names) / (time.perf_counter() - t0), result
 
     proc, url = start_server(args, settings)
     report: dict = {"machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
                     "torch_threads": torch.get_num_threads(), "settings": settings, "queries": len(names),
-                    "clients": args.clients, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
+                    "clients": args.clients, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                    "load_average_at_start": os.getloadavg()}
     try:
         # Single-request latency (one client, one request at a time), after one warm-up request.
         single = Load(url, make_requests(queries, len(names) + 1, 0.0, "single"), 1, args.time_limit)
@@ -229,8 +231,11 @@ def main() -> None:
         report["p95_over_single_p50"] = p95 / report["single_latency_ms"]["p50"]
 
         if args.soak > 0:
-            report["soak"] = soak(args, url, queries, reference, names)
+            soak_settings = json.loads(args.soak_settings)
+            _, soak_reference = offline(RefineConfig.from_dict({**config.to_dict(), **soak_settings}))
+            report["soak"] = soak(args, url, queries, soak_reference, names, soak_settings)
         report["server_info"] = httpx.get(f"{url}/info").json()
+        report["load_average_at_end"] = os.getloadavg()
     finally:
         proc.terminate()
         proc.wait(30)
@@ -241,14 +246,14 @@ def main() -> None:
         write_json(args.out, report)
 
 
-def soak(args, url: str, queries, reference, names) -> dict:
+def soak(args, url: str, queries, reference, names, settings: dict) -> dict:
     """The malformed-request soak: see the module docstring."""
     import httpx
 
     from fastnefes.geometry import pose_errors
     from fastnefes.serve.wire import pose_from_wire
 
-    requests = make_requests(queries, args.soak, args.bad_fraction, "soak", seed=1)
+    requests = make_requests(queries, args.soak, args.bad_fraction, "soak", seed=1, settings=settings)
     warm = args.soak // 10
     head = Load(url, requests[:warm], args.clients, args.time_limit)  # warm-up: the first 10%
     head.run()
@@ -273,9 +278,10 @@ def soak(args, url: str, queries, reference, names) -> dict:
     watcher.join()
     rss_end = httpx.get(f"{url}/info").json()["memory_rss_mb"]
     results = [(i, s, lat, a) for i, s, lat, a in head.results] + [(i + warm, s, lat, a) for i, s, lat, a in tail.results]
-    good_ok = bad_4xx = wrong = 0
+    good_ok = bad_4xx = wrong = nearest_own = 0
     deviation_t, deviation_r = [], []
     moved = {n: pose_errors(reference.refined[n][None], reference.init[n][None]) for n in names}
+    offline = np.stack([reference.refined[n] for n in names])
     for i, status, _, answer in results:
         _, _, expected = requests[i]
         if expected == "bad":
@@ -285,16 +291,21 @@ def soak(args, url: str, queries, reference, names) -> dict:
             wrong += 1
             continue
         name = names[expected]
-        dt, dr = pose_errors(pose_from_wire(answer["pose"])[None], reference.refined[name][None])
-        deviation_t.append(float(dt[0] / max(moved[name][0][0], 1e-12)))
-        deviation_r.append(float(dr[0] / max(moved[name][1][0], 1e-6)))
+        pose = pose_from_wire(answer["pose"])
+        dt, dr = pose_errors(pose[None], reference.refined[name][None])
+        nearest_own += int(np.argmin(pose_errors(np.repeat(pose[None], len(names), 0), offline)[0]) == expected)
+        deviation_t.append(float(dt[0]))
+        deviation_r.append(float(dr[0]))
         good_ok += 1
     n_bad = sum(1 for _, _, e in requests if e == "bad")
     return {"requests": len(requests), "answered": len(results), "bad_sent": n_bad, "bad_4xx": bad_4xx,
             "good_sent": len(requests) - n_bad, "good_200_own_id": good_ok, "good_wrong": wrong,
+            "good_nearest_own_offline_pose": nearest_own,
             "exactly_once": len({i for i, *_ in results}) == len(results) == len(requests),
-            "max_deviation_from_offline_fraction_of_move": {"trans": max(deviation_t, default=0.0),
-                                                            "rot": max(deviation_r, default=0.0)},
+            "deviation_from_offline": {"trans_median": float(np.median(deviation_t)), "trans_max": max(deviation_t, default=0.0),
+                                       "rot_deg_median": float(np.median(deviation_r)), "rot_deg_max": max(deviation_r, default=0.0)},
+            "offline_move": {"trans_median": float(np.median([m[0][0] for m in moved.values()])),
+                             "rot_deg_median": float(np.median([m[1][0] for m in moved.values()]))},
             "health_checks": health_checks[0], "health_failures": health_failures[0], "wall_s": wall,
             "rss_mb_after_warmup": rss_warm, "rss_mb_end": rss_end,
             "rss_growth_pct": 100.0 * (rss_end - rss_warm) / rss_warm}

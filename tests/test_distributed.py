@@ -7,14 +7,12 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from fastnefes.geometry import perturb_poses, write_poses
 from fastnefes.refine.distributed import shard_names
 
 from conftest import run_main
 
-LIGHT = ["--iters", "6", "--search-pad", "0", "--polish-iters", "3", "--polish-levels", "1", "--polish-rays", "0"]
+LIGHT = ["--iters", "8", "--search-pad", "0", "--polish-iters", "0"]
 
 
 def test_shards_are_whole_batches_that_cut_again_the_same_way():
@@ -37,14 +35,14 @@ def test_distributed_flag_without_torchrun_is_one_line(monkeypatch, capsys, tmp_
 
 
 def test_two_rank_torchrun_matches_single_process(tiny_run, tiny_scene, tmp_path):
-    from fastnefes.data import write_scene
+    from fastnefes.data import load_scene, write_scene
 
     run_dir, _ = tiny_run
     data = tmp_path / "data"
     write_scene(tiny_scene, data, "7scenes")
-    test = tiny_scene.split("test")
-    write_poses(tmp_path / "init.txt", dict(zip([tiny_scene.names[i] for i in test],
-                                                perturb_poses(tiny_scene.c2w[test], 2.0, 0.03, seed=5))))
+    scene = load_scene(data)
+    test = scene.split("test")
+    write_poses(tmp_path / "init.txt", dict(zip([scene.names[i] for i in test], perturb_poses(scene.c2w[test], 2.0, 0.03, seed=5))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun gives each of several ranks
     args = ["refine", str(run_dir), "--data", str(data), "--init", str(tmp_path / "init.txt"), "--device", "cpu",
             "--batch", "1", *LIGHT]
@@ -59,7 +57,7 @@ def test_two_rank_torchrun_matches_single_process(tiny_run, tiny_scene, tmp_path
     report = json.loads((tmp_path / "sharded.json").read_text())
     reference = json.loads((tmp_path / "single.json").read_text())
     assert report["ranks"] == 2 and reference["ranks"] == 1
-    strip = ("wall_time_s",)
+    strip = ("wall_time_s",)  # the rest (losses, iterations, status, confidence) must match exactly
     assert [{k: v for k, v in q.items() if k not in strip} for q in report["queries"]] == \
            [{k: v for k, v in q.items() if k not in strip} for q in reference["queries"]]
     assert sharded.stdout.count("wrote ") == 1  # only rank 0 reports
