@@ -236,6 +236,8 @@ def test_batcher_groups_by_size_and_settings_and_isolates_a_failing_query():
     jobs = [(np.full((4, 6, 3), v, np.uint8), cfg) for v, cfg in ((1, a), (2, a), (255, a), (3, b))]
     jobs.append((np.full((5, 6, 3), 4, np.uint8), a))
     futures = [batcher.submit(img, np.eye(3), np.eye(4), cfg) for img, cfg in jobs]  # queued before the worker starts
+    gone = batcher.submit(jobs[0][0], np.eye(3), np.eye(4), a)
+    assert gone.cancel()  # its caller gave up before the worker took it: dropped, not refined
     batcher.start()
     try:
         answers = []
@@ -249,7 +251,8 @@ def test_batcher_groups_by_size_and_settings_and_isolates_a_failing_query():
     assert calls[0] == ((3, 4, 6, 3), 3)  # the three 4x6 iters-3 queries in one batch (it raised) ...
     assert sorted(calls[1:]) == sorted([((1, 4, 6, 3), 3)] * 3 + [((1, 4, 6, 3), 4), ((1, 5, 6, 3), 3)])  # ... then alone
     counters = batcher.counters()
-    assert counters["answered"] == 5 and counters["errors"] == 1 and counters["gathered_sizes"] == {"5": 1}
+    assert counters["answered"] == 5 and counters["errors"] == 1 and counters["cancelled"] == 1
+    assert counters["gathered_sizes"] == {"6": 1} and counters["in_flight"] == 0
 
 
 def test_wire_pose_round_trip_and_image_headers():

@@ -63,6 +63,7 @@ class DynamicBatcher:
         self.gathered_sizes: Counter[int] = Counter()  # queries gathered per wake-up -> count
         self.answered = 0
         self.errors = 0  # queries whose refinement raised (answered with an error)
+        self.cancelled = 0  # queries dropped because their caller had given up
         self.in_flight = 0
 
     # -- life cycle -------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class DynamicBatcher:
             return {
                 "max_batch": self.max_batch, "max_wait_ms": self.max_wait_s * 1e3,
                 "queued": self._queue.qsize(), "in_flight": self.in_flight, "answered": self.answered,
-                "errors": self.errors, "batches": groups, "queries_refined": refined,
+                "errors": self.errors, "cancelled": self.cancelled, "batches": groups, "queries_refined": refined,
                 "mean_batch_size": refined / groups if groups else 0.0,
                 "largest_batch": max(self.batch_sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
@@ -122,10 +123,15 @@ class DynamicBatcher:
             if first is None:
                 break
             jobs, stop = self._gather(first)
+            # A job whose caller gave up (its future cancelled) is dropped; the others can no
+            # longer be cancelled, so their answers always land.
+            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             with self._lock:
                 self.gathered_sizes[len(jobs)] += 1
+                self.cancelled += len(jobs) - len(live)
+                self.in_flight -= len(jobs) - len(live)
             groups: dict[tuple, list[Job]] = {}
-            for job in jobs:
+            for job in live:
                 groups.setdefault(job.group_key(), []).append(job)
             for group in groups.values():
                 self._refine_group(group)
@@ -135,6 +141,8 @@ class DynamicBatcher:
         try:
             result = self.refine(group[0].config, np.stack([j.image for j in group]), np.stack([j.K for j in group]),
                                  np.stack([j.c2w for j in group]))
+            if len(result.poses) != len(group) or len(result.diagnostics) != len(group):
+                raise RuntimeError(f"refinement answered {len(result.poses)} poses for {len(group)} queries")
         except Exception as exc:  # noqa: BLE001 - answered per query below
             if len(group) > 1:  # find the query at fault: the others still get their answers
                 for job in group:
