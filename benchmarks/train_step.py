@@ -3,14 +3,14 @@ kernel, side by side in one process: the same steps from the same trainer state,
 do identical work (their samples are the same, bit for bit).
 
     python benchmarks/train_step.py [--data DIR] [--warmup 300] [--steps 8] [--repeats 4]
-                                    [--threads N] [--json out.json]
+                                    [--threads 1,2] [--json out.json]
 
 Without --data it synthesises the default room (`fastnefes synth room --format 7scenes`) into
 --work. It trains `--warmup` steps (so the occupancy grid has been thresholded and has emptied),
 snapshots the trainer, then `--repeats` times runs the same `--steps` steps from the snapshot with
-FASTNEFES_OCCGRID_BACKEND=torch and =native (alternating which goes first). Reported: median step
-time per backend, the median time spent inside the march per step, the end-to-end ratio, and the
-largest difference between the two runs' losses.
+FASTNEFES_OCCGRID_BACKEND=torch and =native (alternating which goes first), for each --threads
+count. Reported per thread count: median step time per backend, the median time spent inside the
+march per step, the end-to-end ratio, and the largest difference between the two runs' losses.
 """
 
 from __future__ import annotations
@@ -100,12 +100,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300, help="steps trained before the snapshot")
     ap.add_argument("--steps", type=int, default=8, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=4, help="blocks per backend (interleaved)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: torch's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     keep_freed_memory_in_heap()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = [int(n) for n in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     from fastnefes.ops import backends
 
     scene, data = load_room(args.data, args.work)
@@ -114,40 +113,50 @@ def main() -> None:
     os.environ["FASTNEFES_OCCGRID_BACKEND"] = "native"
     if backends.resolve("occgrid", "cpu") != "native":
         raise SystemExit("the native march is unavailable here: see `fastnefes doctor`")
+    torch.set_num_threads(thread_counts[0])
     start = time.perf_counter()
     run_steps(trainer, args.warmup, clock)
-    print(f"warm-up: {args.warmup} steps in {time.perf_counter() - start:.0f} s, {trainer.state.n_rays} rays a step")
+    print(f"warm-up: {args.warmup} steps in {time.perf_counter() - start:.0f} s, {trainer.state.n_rays} rays a step",
+          flush=True)
     snapshot, rng = copy.deepcopy(trainer), torch.get_rng_state()
 
+    load_before = os.getloadavg()
+    results = [compare(snapshot, rng, clock, n, args.steps, args.repeats) for n in thread_counts]
+    if args.json:
+        from ops import machine  # benchmarks/ops.py
+
+        write_json(args.json, {"machine": machine(), "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+                               "data": str(data), "warmup_steps": args.warmup, "steps": args.steps,
+                               "repeats": args.repeats, "rays_per_step": trainer.state.n_rays, "results": results})
+
+
+def compare(snapshot, rng, clock: MarchClock, threads: int, steps: int, repeats: int) -> dict:
+    """The same `steps` steps from `snapshot` with each march backend, interleaved `repeats` times."""
+    torch.set_num_threads(threads)
     times = {b: {"step": [], "march": []} for b in BACKENDS}
     losses: dict[str, list[float]] = {}
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         for backend in (BACKENDS if rep % 2 == 0 else BACKENDS[::-1]):
             os.environ["FASTNEFES_OCCGRID_BACKEND"] = backend
             run = copy.deepcopy(snapshot)
             torch.set_rng_state(rng)
-            step_s, march_s, loss = run_steps(run, args.steps, clock)
+            step_s, march_s, loss = run_steps(run, steps, clock)
             times[backend]["step"] += step_s
             times[backend]["march"] += march_s
             losses.setdefault(backend, loss)
-            print(f"repeat {rep} {backend:6s}: step {statistics.median(step_s) * 1e3:.0f} ms, "
-                  f"march {statistics.median(march_s) * 1e3:.1f} ms")
+            print(f"{threads} threads, repeat {rep} {backend:6s}: step {statistics.median(step_s) * 1e3:.0f} ms, "
+                  f"march {statistics.median(march_s) * 1e3:.1f} ms", flush=True)
     med = {b: {k: statistics.median(v) * 1e3 for k, v in t.items()} for b, t in times.items()}
     loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["native"], losses["torch"]))
-    result = {
-        "data": str(data), "warmup_steps": args.warmup, "steps": args.steps, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "rays_per_step": trainer.state.n_rays,
-        "median_ms": med,
-        "step_ratio_torch_over_native": med["torch"]["step"] / med["native"]["step"],
-        "march_ratio_torch_over_native": med["torch"]["march"] / med["native"]["march"],
-        "max_relative_loss_difference": loss_diff,
-    }
-    print(f"step: torch {med['torch']['step']:.0f} ms, native {med['native']['step']:.0f} ms -> "
-          f"{result['step_ratio_torch_over_native']:.2f}x end to end; march: torch {med['torch']['march']:.1f} ms, "
+    result = {"threads": threads, "median_ms": med,
+              "step_ratio_torch_over_native": med["torch"]["step"] / med["native"]["step"],
+              "march_ratio_torch_over_native": med["torch"]["march"] / med["native"]["march"],
+              "max_relative_loss_difference": loss_diff}
+    print(f"{threads} threads: step torch {med['torch']['step']:.0f} ms, native {med['native']['step']:.0f} ms -> "
+          f"{result['step_ratio_torch_over_native']:.2f}x end to end; march torch {med['torch']['march']:.1f} ms, "
           f"native {med['native']['march']:.2f} ms -> {result['march_ratio_torch_over_native']:.1f}x; "
-          f"largest relative loss difference {loss_diff:.2e}")
-    if args.json:
-        write_json(args.json, result)
+          f"largest relative loss difference {loss_diff:.2e}", flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -383,20 +383,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> occgrid_march(
       pybind11::gil_scoped_release no_gil;
       parts = occgrid_march_cpu(a, n_threads);
     }
-    int64_t total = 0;
-    for (const auto& part : parts) total += int64_t(part.size());
+    const int64_t total = march_parts_size(parts);
     ray_indices = at::empty({total}, long_opts);
     t_starts = at::empty({total}, rays_o.options());
     t_ends = at::empty({total}, rays_o.options());
-    int64_t* ri = ray_indices.data_ptr<int64_t>();
-    scalar_t* t0 = t_starts.data_ptr<scalar_t>();
-    scalar_t* t1 = t_ends.data_ptr<scalar_t>();
-    for (const auto& part : parts)
-      for (const auto& sample : part) {
-        *ri++ = sample.ray;
-        *t0++ = sample.t_start;
-        *t1++ = sample.t_end;
-      }
+    copy_march_parts(parts, ray_indices.data_ptr<int64_t>(), t_starts.data_ptr<scalar_t>(), t_ends.data_ptr<scalar_t>());
   });
   return {ray_indices, t_starts, t_ends};
 }

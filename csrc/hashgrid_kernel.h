@@ -15,13 +15,6 @@ namespace fastnefes {
 
 constexpr uint32_t kPrimeY = 2654435761u, kPrimeZ = 805459861u;
 
-// index mod size: a mask for power-of-two (hashed) levels, a rarely taken modulo for dense ones
-// (a dense index exceeds the size only on the far faces of the unit cube).
-FASTNEFES_HD uint32_t wrap_index(uint32_t index, const GridLevel& lv) {
-  if ((lv.size & (lv.size - 1)) == 0) return index & (lv.size - 1);
-  return index < lv.size ? index : index % lv.size;
-}
-
 // The 8 corners of one point in one level: table entries (level-relative) and trilinear factors.
 template <typename A>
 struct Corners {
@@ -36,19 +29,28 @@ FASTNEFES_HD Corners<A> level_corners(const A* x, const GridLevel& lv) {
   uint32_t cell[3];
   for (int d = 0; d < 3; ++d) {
     const A pos = A(add_rn(mul_rn(double(x[d]), lv.scale), 0.5));
-    const A fl = floor_of(pos);
-    c.frac[d] = pos - fl;
-    cell[d] = uint32_t(int64_t(fl));
+    // floor by truncation where int64 holds it exactly (libm's floor is a call without SSE4.1)
+    int64_t i = (pos > A(-2147483648.0) && pos < A(2147483648.0)) ? int64_t(pos) : int64_t(floor_of(pos));
+    if (A(i) > pos) --i;
+    c.frac[d] = pos - A(i);
+    cell[d] = uint32_t(i);
   }
+  // Each axis' two corner terms of the index (uint32 arithmetic: (c + 1) * m = c * m + m), combined
+  // by + (dense) or ^ (hashed); then the weights as products of the axes' factors.
   const uint32_t res = lv.resolution;
+  const uint32_t my = lv.dense ? res : kPrimeY, mz = lv.dense ? res * res : kPrimeZ;
+  const uint32_t ty0 = cell[1] * my, tz0 = cell[2] * mz;
+  const uint32_t tx[2] = {cell[0], cell[0] + 1}, ty[2] = {ty0, ty0 + my}, tz[2] = {tz0, tz0 + mz};
+  const A wx[2] = {A(1) - c.frac[0], c.frac[0]}, wy[2] = {A(1) - c.frac[1], c.frac[1]},
+          wz[2] = {A(1) - c.frac[2], c.frac[2]};
+  // index mod size: a mask for power-of-two (hashed) levels, a rarely taken modulo for dense ones
+  // (a dense index exceeds the size only on the far faces of the unit cube).
+  const bool pow2 = (lv.size & (lv.size - 1)) == 0;
   for (int k = 0; k < 8; ++k) {
-    const uint32_t cx = cell[0] + (k & 1), cy = cell[1] + ((k >> 1) & 1), cz = cell[2] + ((k >> 2) & 1);
-    const uint32_t idx = lv.dense ? cx + cy * res + cz * (res * res) : cx ^ (cy * kPrimeY) ^ (cz * kPrimeZ);
-    c.index[k] = wrap_index(idx, lv);
-    const A fx = (k & 1) ? c.frac[0] : A(1) - c.frac[0];
-    const A fy = (k & 2) ? c.frac[1] : A(1) - c.frac[1];
-    const A fz = (k & 4) ? c.frac[2] : A(1) - c.frac[2];
-    c.weight[k] = fx * fy * fz;
+    const int i = k & 1, j = (k >> 1) & 1, l = k >> 2;
+    const uint32_t idx = lv.dense ? tx[i] + ty[j] + tz[l] : tx[i] ^ ty[j] ^ tz[l];
+    c.index[k] = pow2 ? idx & (lv.size - 1) : (idx < lv.size ? idx : idx % lv.size);
+    c.weight[k] = wx[i] * wy[j] * wz[l];
   }
   return c;
 }

@@ -51,6 +51,12 @@ using MarchParts = std::vector<std::vector<MarchSample<T>>>;
 template <typename T>
 MarchParts<T> occgrid_march_cpu(const MarchArgs<T>& a, int n_threads);
 
+// Samples in all parts, and the parts concatenated into [N] arrays.
+template <typename T>
+int64_t march_parts_size(const MarchParts<T>& parts);
+template <typename T>
+void copy_march_parts(const MarchParts<T>& parts, int64_t* ray_indices, T* t_starts, T* t_ends);
+
 // binaries [L, res^3] -> mips [occgrid_mips_size]
 void occgrid_mips_cpu(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int n_threads);
 

@@ -45,6 +45,23 @@ MarchParts<T> occgrid_march_cpu(const MarchArgs<T>& a, int n_threads) {
   return parts;
 }
 
+template <typename T>
+int64_t march_parts_size(const MarchParts<T>& parts) {
+  int64_t total = 0;
+  for (const auto& part : parts) total += int64_t(part.size());
+  return total;
+}
+
+template <typename T>
+void copy_march_parts(const MarchParts<T>& parts, int64_t* ray_indices, T* t_starts, T* t_ends) {
+  for (const auto& part : parts)
+    for (const auto& sample : part) {
+      *ray_indices++ = sample.ray;
+      *t_starts++ = sample.t_start;
+      *t_ends++ = sample.t_end;
+    }
+}
+
 void occgrid_mips_cpu(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int n_threads) {
   const uint8_t* child_mip = binaries;
   uint8_t* mip = mips;
@@ -68,5 +85,9 @@ template int64_t occgrid_plan_mips<float>(MarchArgs<float>&);
 template int64_t occgrid_plan_mips<double>(MarchArgs<double>&);
 template MarchParts<float> occgrid_march_cpu<float>(const MarchArgs<float>&, int);
 template MarchParts<double> occgrid_march_cpu<double>(const MarchArgs<double>&, int);
+template int64_t march_parts_size<float>(const MarchParts<float>&);
+template int64_t march_parts_size<double>(const MarchParts<double>&);
+template void copy_march_parts<float>(const MarchParts<float>&, int64_t*, float*, float*);
+template void copy_march_parts<double>(const MarchParts<double>&, int64_t*, double*, double*);
 
 }  // namespace fastnefes

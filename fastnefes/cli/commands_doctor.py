@@ -87,5 +87,14 @@ def doctor_command(
     for device in devices:
         for row in backends.report(device):
             why = "; ".join(f"{b}: {r}" for b, r in row["unavailable"].items()) or "-"
-            ops.add_row(row["op"], row["device"], row["backend"], row["requested"], why)
+            ops.add_row(row["op"], row["device"], _backend_in_use(row["backend"], device), row["requested"], why)
     console.print(ops)
+
+
+def _backend_in_use(backend: str, device: str) -> str:
+    """The backend's name; a native one not yet compiled says so (a failed build falls back to torch)."""
+    if backend != "native":
+        return backend
+    from fastnefes.ops._backend import is_loaded
+
+    return backend if is_loaded(device) else f"{backend} (not compiled yet)"

@@ -169,6 +169,12 @@ def load_native(device_type: str) -> ModuleType | None:
     return module
 
 
+def is_loaded(device_type: str) -> bool:
+    """Whether this process has already built / loaded a native module serving `device_type` (the
+    CUDA build serves CPU tensors too)."""
+    return _by_device.get(device_type) is not None or "cuda" in _modules or (device_type == "cpu" and "cpu" in _modules)
+
+
 def _unavailable(device_type: str) -> str | None:
     """Why the native kernels cannot serve `device_type`, without compiling anything (cached checks:
     resolve() calls this on every op call)."""

@@ -98,7 +98,8 @@ class OccupancyGrid(nn.Module):
             ray_indices, t_starts, t_ends = march_rays(rays_o, rays_d, self.binaries, self.aabbs, near, far,
                                                        render_step_size, cone_angle)
         if (alpha_thre > 0.0 or early_stop_eps > 0.0) and (sigma_fn is not None or alpha_fn is not None) and ray_indices.numel():
-            alpha_thre = min(alpha_thre, self.occs.mean().item())
+            if alpha_thre > 0.0:  # capped by the mean occupancy (nerfacc); a reduction and a sync saved otherwise
+                alpha_thre = min(alpha_thre, self.occs.mean().item())
             keep = visibility_mask(t_starts, t_ends, ray_indices, rays_o.shape[0], sigma_fn, alpha_fn,
                                    early_stop_eps, alpha_thre)
             ray_indices, t_starts, t_ends = ray_indices[keep], t_starts[keep], t_ends[keep]
