@@ -32,14 +32,13 @@ class DemoPlan:
 
 
 PLANS = {
-    # Fits 3 minutes: fewer steps, more of them on features, the session-5 polish (20 iterations
-    # took it to 168-184 s), a quarter of the default samples per step (the steps' fixed costs
-    # dominate on CPU: 8192 cut training from 187 to 134 s, and the table came out better on
-    # seeds 0 and 1; README), and all 12 queries in one refinement batch.
+    # Fits 3 minutes on 2 CPU cores: fewer steps, more of them on features, 8 polish
+    # iterations per level, a quarter of the default samples per step (a step's fixed costs
+    # dominate on a CPU) and all 12 queries in one refinement batch.
     "quick": DemoPlan(width=96, height=72, n_train=60, n_test=12, field_steps=1000, apr_epochs=None, refine_batch=12,
                        stage_fractions=(0.4, 0.35, 0.25), polish_iters=8, batch_samples=8192),
-    # Fits 15 minutes: with the default samples per step, 150 APR epochs and batches of 8 it took
-    # 15.5 min on 2 cores (field 6.8, APR 4.9, refinement 4.3), with these 12.75 min (README).
+    # Fits 15 minutes on 2 CPU cores: half the default samples per step, 130 APR epochs,
+    # refinement batches of 15.
     "full": DemoPlan(width=160, height=120, n_train=120, n_test=30, field_steps=3000, apr_epochs=130, refine_batch=15,
                      batch_samples=16384),
 }
