@@ -48,10 +48,10 @@ def test_two_rank_torchrun_matches_single_process(tiny_run, tiny_scene, tmp_path
             "--batch", "1", *LIGHT]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastnefes"]
     sharded = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "sharded.txt")], capture_output=True, text=True,
-                             env=env, timeout=300)
+                             env=env, timeout=1200)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     single = subprocess.run([sys.executable, "-m", "fastnefes", *args, "--out", str(tmp_path / "single.txt")],
-                            capture_output=True, text=True, env=env, timeout=300)
+                            capture_output=True, text=True, env=env, timeout=1200)
     assert single.returncode == 0, single.stderr[-3000:]
     assert (tmp_path / "sharded.txt").read_text() == (tmp_path / "single.txt").read_text()
     report = json.loads((tmp_path / "sharded.json").read_text())
