@@ -53,18 +53,20 @@ def server(tiny_run, tmp_path_factory):
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})  # light on CI's 2 cores, and as `queries`'s
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600  # start-up is seconds on an idle machine; a busy one can take minutes
-    while True:
-        assert proc.poll() is None, f"server exited: {log.read_text()}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, f"server not up: {log.read_text()}"
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(30)
+    try:
+        while True:
+            assert proc.poll() is None, f"server exited: {log.read_text()}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, f"server not up: {log.read_text()}"
+            time.sleep(0.3)
+        yield url
+    finally:  # also when it never came up: no server left behind
+        proc.terminate()
+        proc.wait(30)
 
 
 @pytest.fixture(scope="module")
