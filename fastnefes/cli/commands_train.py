@@ -68,6 +68,10 @@ def train_field_command(
         raise FastnefesError("give --steps or --minutes, not both")
     torch_device = resolve_device(device)  # fails early for --device cuda without CUDA
     data_options = as_options(format, downscale, max_side, focal, sfm_poses)
+    if resume:  # the interrupted run's data, as it was loaded
+        from fastnefes.train.run import read_data_options
+
+        data_options = data_options.merged_over(read_data_options(out, data))
     scene = data_options.load(data)
     if not scene.split("train"):
         raise FastnefesError(f"{data}: no training images (the train split is empty)")
