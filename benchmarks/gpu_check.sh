@@ -82,14 +82,17 @@ for row in (ops or {}).get("rows", []):
     for other in ("torch", "tcnn", "nerfacc"):
         if f"{other}_ms" in row:
             summary[key][f"{other}/native"] = round(row[f"{other}_ms"] / row["native_ms"], 2)
-if train:
-    hash_row = train["archs"]["hash"]
-    summary["train room: seconds to PSNR"] = hash_row["time_to_psnr_s"]
-    summary["train room: best val PSNR"] = hash_row["best_psnr"]
-if refine:
-    row = next(iter(refine["rows"].values()))
-    summary["refine: latency ms (one query)"] = row["latency_ms"]
-    summary["refine: queries/s by batch"] = {t["batch"]: t["queries_per_s"] for t in row["throughput"]}
+try:  # the headline figures; the full JSON of each benchmark follows whatever its layout
+    if train:
+        hash_row = train["archs"]["hash"]
+        summary["train room: seconds to PSNR"] = hash_row["time_to_psnr_s"]
+        summary["train room: best val PSNR"] = hash_row["best_psnr"]
+    if refine:
+        row = next(iter(refine["rows"].values()))
+        summary["refine: latency ms (one query)"] = row["latency_ms"]
+        summary["refine: queries/s by batch"] = {t["batch"]: t["queries_per_s"] for t in row["throughput"]}
+except (KeyError, TypeError, StopIteration) as exc:
+    summary["summary error"] = f"{type(exc).__name__}: {exc}"
 out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
        "commit": git_commit(), "summary": summary, "stages": stages, "ops": ops, "train": train, "refine": refine}
 path = results / f"gpu_check_{device_slug(torch.device('cuda'))}.json"

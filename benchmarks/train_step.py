@@ -2,15 +2,16 @@
 kernel, side by side in one process: the same steps from the same trainer state, so both backends
 do identical work (their samples are the same, bit for bit).
 
-    python benchmarks/train_step.py [--data DIR] [--warmup 300] [--steps 8] [--repeats 4]
-                                    [--threads 1,2] [--json out.json]
+    python benchmarks/train_step.py [--data DIR] [--warmup 300] [--steps 48] [--threads 1,2]
+                                    [--json out.json]
 
 Without --data it synthesises the default room (`fastnefes synth room --format 7scenes`) into
 --work. It trains `--warmup` steps (so the occupancy grid has been thresholded and has emptied),
-snapshots the trainer, then `--repeats` times runs the same `--steps` steps from the snapshot with
-FASTNEFES_OCCGRID_BACKEND=torch and =native (alternating which goes first), for each --threads
+snapshots the trainer, then trains two copies of the snapshot `--steps` steps further, one with
+FASTNEFES_OCCGRID_BACKEND=torch and one with =native, alternating step by step, for each --threads
 count. Reported per thread count: median step time per backend, the median time spent inside the
-march per step, the end-to-end ratio, and the largest difference between the two runs' losses.
+march per step, the end-to-end ratios (of the medians, and the median of the step-by-step ratios),
+and the largest difference between the two copies' losses.
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="dataset folder (default: synthesise the default room)")
     ap.add_argument("--work", type=Path, default=Path("bench-work"), help="where the room is synthesised")
     ap.add_argument("--warmup", type=int, default=300, help="steps trained before the snapshot")
-    ap.add_argument("--steps", type=int, default=8, help="steps per timed block")
-    ap.add_argument("--repeats", type=int, default=4, help="blocks per backend (interleaved)")
+    ap.add_argument("--steps", type=int, default=48, help="timed steps per backend")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: torch's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -121,41 +121,45 @@ def main() -> None:
     snapshot, rng = copy.deepcopy(trainer), torch.get_rng_state()
 
     load_before = os.getloadavg()
-    results = [compare(snapshot, rng, clock, n, args.steps, args.repeats) for n in thread_counts]
+    results = [compare(snapshot, rng, clock, n, args.steps) for n in thread_counts]
     if args.json:
         from ops import machine  # benchmarks/ops.py
 
         write_json(args.json, {"machine": machine(), "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-                               "data": str(data), "warmup_steps": args.warmup, "steps": args.steps,
-                               "repeats": args.repeats, "rays_per_step": trainer.state.n_rays, "results": results})
+                               "data": str(data), "warmup_steps": args.warmup, "rays_per_step": trainer.state.n_rays,
+                               "results": results})
 
 
-def compare(snapshot, rng, clock: MarchClock, threads: int, steps: int, repeats: int) -> dict:
-    """The same `steps` steps from `snapshot` with each march backend, interleaved `repeats` times."""
+def compare(snapshot, rng: torch.Tensor, clock: MarchClock, threads: int, steps: int) -> dict:
+    """`steps` steps from `snapshot` with each march backend, alternating step by step (so both
+    see the same machine load): two copies of the trainer, each with its own random state, so
+    each copy draws exactly what it would draw alone."""
     torch.set_num_threads(threads)
-    times = {b: {"step": [], "march": []} for b in BACKENDS}
-    losses: dict[str, list[float]] = {}
-    for rep in range(repeats):
-        for backend in (BACKENDS if rep % 2 == 0 else BACKENDS[::-1]):
+    runs = {b: {"trainer": copy.deepcopy(snapshot), "rng": rng.clone(), "step": [], "march": [], "loss": []}
+            for b in BACKENDS}
+    for i in range(steps):
+        for backend in (BACKENDS if i % 2 == 0 else BACKENDS[::-1]):
+            run = runs[backend]
             os.environ["FASTNEFES_OCCGRID_BACKEND"] = backend
-            run = copy.deepcopy(snapshot)
-            torch.set_rng_state(rng)
-            step_s, march_s, loss = run_steps(run, steps, clock)
-            times[backend]["step"] += step_s
-            times[backend]["march"] += march_s
-            losses.setdefault(backend, loss)
-            print(f"{threads} threads, repeat {rep} {backend:6s}: step {statistics.median(step_s) * 1e3:.0f} ms, "
-                  f"march {statistics.median(march_s) * 1e3:.1f} ms", flush=True)
-    med = {b: {k: statistics.median(v) * 1e3 for k, v in t.items()} for b, t in times.items()}
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["native"], losses["torch"]))
-    result = {"threads": threads, "median_ms": med,
+            torch.set_rng_state(run["rng"])
+            step_s, march_s, loss = run_steps(run["trainer"], 1, clock)
+            run["rng"] = torch.get_rng_state()
+            run["step"] += step_s
+            run["march"] += march_s
+            run["loss"] += loss
+    med = {b: {k: statistics.median(runs[b][k]) * 1e3 for k in ("step", "march")} for b in BACKENDS}
+    pairs = [a / b for a, b in zip(runs["torch"]["step"], runs["native"]["step"])]
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(runs["native"]["loss"], runs["torch"]["loss"]))
+    result = {"threads": threads, "steps": steps, "median_ms": med,
               "step_ratio_torch_over_native": med["torch"]["step"] / med["native"]["step"],
+              "median_paired_step_ratio": statistics.median(pairs),
               "march_ratio_torch_over_native": med["torch"]["march"] / med["native"]["march"],
               "max_relative_loss_difference": loss_diff}
-    print(f"{threads} threads: step torch {med['torch']['step']:.0f} ms, native {med['native']['step']:.0f} ms -> "
-          f"{result['step_ratio_torch_over_native']:.2f}x end to end; march torch {med['torch']['march']:.1f} ms, "
-          f"native {med['native']['march']:.2f} ms -> {result['march_ratio_torch_over_native']:.1f}x; "
-          f"largest relative loss difference {loss_diff:.2e}", flush=True)
+    print(f"{threads} threads, {steps} steps: step torch {med['torch']['step']:.0f} ms, native "
+          f"{med['native']['step']:.0f} ms -> {result['step_ratio_torch_over_native']:.2f}x end to end (median of "
+          f"step-by-step ratios {result['median_paired_step_ratio']:.2f}x); march torch {med['torch']['march']:.1f} ms, "
+          f"native {med['native']['march']:.2f} ms -> {result['march_ratio_torch_over_native']:.1f}x; largest "
+          f"relative loss difference {loss_diff:.2e}", flush=True)
     return result
 
 

@@ -1,11 +1,12 @@
-// CPU launcher of the hash-grid kernel body (hashgrid_kernel.h). Loops run level by level over a
-// whole range of points, so one level's table (up to 2^19 entries, 4 MB) stays hot in cache while
-// every point reads it; the output rows are then written with a stride, which streams well (measured ~1.8x faster than point blocks of
-// 1k-64k with all levels per block, whose working set is all 16 tables).
-// Forward: each OpenMP thread takes a contiguous range of points. Backward w.r.t. the table:
-// OpenMP over levels, so each thread owns disjoint table slices (no atomics; the table gradient is
-// bitwise independent of the thread count); position gradients then go to per-thread buffers
-// summed in a fixed order. Without a table gradient the backward splits points like the forward.
+// CPU launcher of the hash-grid kernel body (hashgrid_kernel.h). Loops run level by level over
+// many points, so one level's table (up to 2^19 entries, 4 MB) stays hot in cache while every
+// point reads it; the output rows are then written with a stride, which streams well (measured
+// ~1.8x faster than point blocks of 1k-64k with all levels per block, whose working set is all 16
+// tables).
+// Forward: dynamic (level, point block) items. Backward w.r.t. the table: OpenMP over levels, so
+// each thread owns disjoint table slices (no atomics; the table gradient is bitwise independent of
+// the thread count); position gradients then go to per-thread buffers summed in a fixed order.
+// Without a table gradient the backward gives each thread a contiguous range of points.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -80,20 +81,21 @@ inline void thread_range(int64_t n, int t, int nt, int64_t* start, int64_t* stop
   *stop = n * (t + 1) / nt;
 }
 
+// Forward work items: (level, block of kItemPoints points), level-major, so the threads in flight
+// read one level's table; handed out dynamically, so a thread the OS deschedules on a shared
+// machine holds up one item, not half of the work.
+constexpr int64_t kItemPoints = 4096;
+
 template <typename T, int kF>
 void forward_impl(const HashGridArgs<T, T>& a, T* out, int n_threads) {
   const int F = kF ? kF : a.n_features, L = a.n_levels;
   const int64_t N = a.n_points, row = int64_t(L) * F;
-#pragma omp parallel num_threads(n_threads)
-  {
-#ifdef _OPENMP
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int t = 0, nt = 1;
-#endif
-    int64_t first, last;
-    thread_range(N, t, nt, &first, &last);
-    for (int l = 0; l < L; ++l) level_forward<T, kF>(a, a.levels[l], first, last, row, out + l * F);
+  const int64_t blocks = (N + kItemPoints - 1) / kItemPoints;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+  for (int64_t item = 0; item < L * blocks; ++item) {
+    const int l = int(item / blocks);
+    const int64_t first = item % blocks * kItemPoints;
+    level_forward<T, kF>(a, a.levels[l], first, std::min(N, first + kItemPoints), row, out + l * F);
   }
 }
 
@@ -118,10 +120,20 @@ void backward_impl(const HashGridArgs<T, T>& a, const T* grad_out, T* grad_param
     }
     return;
   }
+  if (!grad_x) {  // levels handed out dynamically (each still has one owner thread)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (int l = 0; l < L; ++l) {
+      const GridLevel& lv = a.levels[l];
+      std::fill(grad_params + lv.offset * F, grad_params + (lv.offset + lv.size) * F, T(0));
+      level_backward<T, kF>(a, lv, 0, N, row, grad_out + l * F, grad_params, nullptr);
+    }
+    return;
+  }
+  // With position gradients: a fixed assignment of levels to threads, so that grad_x sums in a
+  // fixed order. Thread 0 writes grad_x directly; the others into zeroed buffers summed afterwards.
   const int workers = std::max(1, std::min(n_threads, L));
-  // Thread 0 writes grad_x directly; the others into zeroed buffers summed afterwards.
-  std::vector<T> extra(grad_x && workers > 1 ? size_t(workers - 1) * 3 * N : 0, T(0));
-  if (grad_x) std::fill(grad_x, grad_x + 3 * N, T(0));
+  std::vector<T> extra(workers > 1 ? size_t(workers - 1) * 3 * N : 0, T(0));
+  std::fill(grad_x, grad_x + 3 * N, T(0));
 #pragma omp parallel num_threads(workers)
   {
 #ifdef _OPENMP
@@ -129,7 +141,7 @@ void backward_impl(const HashGridArgs<T, T>& a, const T* grad_out, T* grad_param
 #else
     const int t = 0, nt = 1;
 #endif
-    T* gx = !grad_x ? nullptr : t == 0 ? grad_x : extra.data() + size_t(t - 1) * 3 * N;
+    T* gx = t == 0 ? grad_x : extra.data() + size_t(t - 1) * 3 * N;
     for (int l = t; l < L; l += nt) {
       const GridLevel& lv = a.levels[l];
       std::fill(grad_params + lv.offset * F, grad_params + (lv.offset + lv.size) * F, T(0));
@@ -137,7 +149,7 @@ void backward_impl(const HashGridArgs<T, T>& a, const T* grad_out, T* grad_param
     for (int l = t; l < L; l += nt)
       level_backward<T, kF>(a, a.levels[l], 0, N, row, grad_out + l * F, grad_params, gx);
   }
-  if (grad_x && workers > 1) {
+  if (workers > 1) {
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t i = 0; i < 3 * N; ++i) {
       T s = grad_x[i];
