@@ -1,8 +1,8 @@
 """Build and load the native kernels (csrc/) on first use, and register their backend probes.
 
 Two builds, each a torch C++ extension compiled with `torch.utils.cpp_extension.load` into torch's
-extension cache (`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions), rebuilt only when a
-source changes:
+extension cache (`$TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions) under a name that
+also identifies the checkout (`_build_name`), rebuilt only when a source changes:
     fastnefes_native_cpu   C++ only (OpenMP): compositing, hash grid and occupancy march on CPU
                            tensors.
     fastnefes_native_cuda  the same plus the CUDA launchers of the same kernel bodies; made only
@@ -17,6 +17,7 @@ does the build.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import threading
@@ -53,6 +54,14 @@ def csrc_dir() -> Path | None:
         if all((candidate / name).is_file() for name in _CPP_SOURCES + _CPU_ONLY_SOURCES + _CUDA_SOURCES):
             return candidate
     return None
+
+
+def _build_name(kind: str) -> str:
+    """The build's name in the extension cache: one per kind and checkout (sources folder), so two
+    checkouts sharing the cache (a CI copy and a working tree) do not rebuild over each other."""
+    src = csrc_dir()
+    digest = hashlib.sha1(str(src).encode()).hexdigest()[:8] if src else "nosrc"
+    return f"{MODULE_NAMES[kind]}_{digest}"
 
 
 def _compiler() -> str | None:
@@ -100,7 +109,7 @@ def _build(kind: str, verbose: bool) -> ModuleType:
     assert src is not None
     sources = [str(src / name) for name in _CPP_SOURCES + (_CUDA_SOURCES if kind == "cuda" else _CPU_ONLY_SOURCES)]
     return cpp_extension.load(
-        name=MODULE_NAMES[kind],
+        name=_build_name(kind),
         sources=sources,
         extra_cflags=_CFLAGS,
         extra_cuda_cflags=_CUDA_CFLAGS if kind == "cuda" else None,
@@ -198,7 +207,7 @@ for _op in ("composite", "hashgrid", "occgrid"):
 def _build_directory(kind: str) -> str:
     from torch.utils import cpp_extension
 
-    return cpp_extension._get_build_directory(MODULE_NAMES[kind], verbose=False)
+    return cpp_extension._get_build_directory(_build_name(kind), verbose=False)
 
 
 def native_status() -> dict[str, str]:
