@@ -311,18 +311,24 @@ MarchArgs<T> march_grid(const at::Tensor& binaries) {
   return a;
 }
 
-// binaries [L, r0, r1, r2] -> mips uint8 [n] (occgrid.h), on binaries' device.
-at::Tensor occgrid_mips(const at::Tensor& binaries, int64_t stream) {
+// binaries [L, r0, r1, r2], aabbs float32 [L, 6] -> the skip's mips, uint8 [n] (occgrid.h), on
+// binaries' device.
+at::Tensor occgrid_mips(const at::Tensor& binaries, const at::Tensor& aabbs, int64_t stream) {
   require_cuda_build(binaries);
   MarchArgs<float> a = march_grid<float>(binaries);
-  at::Tensor mips = at::empty({occgrid_plan_mips(a)}, binaries.options().dtype(at::kByte));
+  TORCH_CHECK_VALUE(aabbs.scalar_type() == at::kFloat && aabbs.is_contiguous() && aabbs.device() == binaries.device() &&
+                        aabbs.dim() == 2 && aabbs.size(0) == a.n_levels && aabbs.size(1) == 6,
+                    "occupancy mips: aabbs must be a contiguous float32 [L, 6] tensor on binaries' device");
+  const int64_t n = occgrid_plan_mips(a);
+  at::Tensor mips = at::empty({n}, binaries.options().dtype(at::kByte)), plain = at::empty_like(mips);
   if (binaries.is_cuda()) {
-    occgrid_mips_cuda(a.binaries, a.n_levels, a.res, mips.data_ptr<uint8_t>(), binaries.get_device(),
-                      reinterpret_cast<void*>(stream));
+    occgrid_mips_cuda(a.binaries, aabbs.data_ptr<float>(), a.n_levels, a.res, plain.data_ptr<uint8_t>(),
+                      mips.data_ptr<uint8_t>(), binaries.get_device(), reinterpret_cast<void*>(stream));
   } else {
     const int n_threads = at::get_num_threads();
     pybind11::gil_scoped_release no_gil;
-    occgrid_mips_cpu(a.binaries, a.n_levels, a.res, mips.data_ptr<uint8_t>(), n_threads);
+    occgrid_mips_cpu(a.binaries, aabbs.data_ptr<float>(), a.n_levels, a.res, plain.data_ptr<uint8_t>(),
+                     mips.data_ptr<uint8_t>(), n_threads);
   }
   return mips;
 }
@@ -405,6 +411,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_levels", &pack_levels, "hash-grid level list -> packed uint8 records");
   m.def("hashgrid_forward", &hashgrid_forward, "hash-grid encoding forward");
   m.def("hashgrid_backward", &hashgrid_backward, "hash-grid encoding backward");
-  m.def("occgrid_mips", &occgrid_mips, "occupancy mips of binaries [L, r0, r1, r2]");
+  m.def("occgrid_mips", &occgrid_mips, "the march's skip mips of binaries [L, r0, r1, r2] in boxes aabbs [L, 6]");
   m.def("occgrid_march", &occgrid_march, "occupancy-grid march -> (ray_indices, t_starts, t_ends)");
 }

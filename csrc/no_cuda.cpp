@@ -33,6 +33,6 @@ void occgrid_count_cuda(DType, const MarchArgs<void>&, int64_t*, int, void*) { n
 void occgrid_fill_cuda(DType, const MarchArgs<void>&, const int64_t*, int64_t*, void*, void*, int, void*) {
   no_cuda();
 }
-void occgrid_mips_cuda(const uint8_t*, int, const int[3], uint8_t*, int, void*) { no_cuda(); }
+void occgrid_mips_cuda(const uint8_t*, const float*, int, const int[3], uint8_t*, uint8_t*, int, void*) { no_cuda(); }
 
 }  // namespace fastnefes

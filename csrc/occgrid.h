@@ -32,9 +32,10 @@ struct MarchArgs {
   double cone_angle;        // > 0: steps grow as t * cone_angle once that exceeds step
 };
 
-// Mip m >= 1 of a grid: cells of 2^m x 2^m x 2^m fine cells, ceil(res / 2^m) per axis, up to the
-// first mip of one cell; all levels of mip 1, then all of mip 2, ...; a mip cell is 1 when any of
-// its fine cells is occupied. Sets n_mips and mip_offset; returns the cells of all mips.
+// The skip's mips (occgrid_kernel.h): for m >= 1, blocks of 2^m x 2^m x 2^m cells, ceil(res / 2^m)
+// per axis, up to the first mip of one cell; all levels of mip 1, then all of mip 2, ...; a cell
+// is 0 when its block is free to skip. occgrid_plan_mips sets n_mips and mip_offset and returns
+// the cells of all mips.
 template <typename T>
 int64_t occgrid_plan_mips(MarchArgs<T>& a);
 
@@ -57,8 +58,10 @@ int64_t march_parts_size(const MarchParts<T>& parts);
 template <typename T>
 void copy_march_parts(const MarchParts<T>& parts, int64_t* ray_indices, T* t_starts, T* t_ends);
 
-// binaries [L, res^3] -> mips [occgrid_mips_size]
-void occgrid_mips_cpu(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int n_threads);
+// binaries [L, res^3] and aabbs [L, 6] -> mips [occgrid_plan_mips cells]; plain: scratch of the
+// same size (the occupancy pyramid the mips dilate).
+void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* plain,
+                      uint8_t* mips, int n_threads);
 
 // The same arguments with the float pointers type-erased (for the CUDA entry points).
 template <typename T>
@@ -75,7 +78,7 @@ MarchArgs<void> erase_type(const MarchArgs<T>& a) {
 void occgrid_count_cuda(DType dtype, const MarchArgs<void>& a, int64_t* counts, int device, void* stream);
 void occgrid_fill_cuda(DType dtype, const MarchArgs<void>& a, const int64_t* offsets, int64_t* ray_indices,
                        void* t_starts, void* t_ends, int device, void* stream);
-void occgrid_mips_cuda(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int device,
-                       void* stream);
+void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* plain,
+                       uint8_t* mips, int device, void* stream);
 
 }  // namespace fastnefes

@@ -62,22 +62,29 @@ void copy_march_parts(const MarchParts<T>& parts, int64_t* ray_indices, T* t_sta
     }
 }
 
-void occgrid_mips_cpu(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int n_threads) {
-  const uint8_t* child_mip = binaries;
-  uint8_t* mip = mips;
+void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* plain,
+                      uint8_t* mips, int n_threads) {
+  int64_t offset = 0;
   for (int m = 1; m < kMaxMips && std::max({mip_res(res[0], m - 1), mip_res(res[1], m - 1), mip_res(res[2], m - 1)}) > 1;
        ++m) {
     const int r1 = mip_res(res[1], m), r2 = mip_res(res[2], m);
     const int64_t cells = mip_cells(res, m), child_cells = mip_cells(res, m - 1);
+    const uint8_t* child = m == 1 ? binaries : plain + offset - n_levels * child_cells;
     // Serial below a few million cells: a parallel region costs more than that work when the
     // cores are shared (each barrier waits for a descheduled thread).
 #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_levels * cells > (int64_t(1) << 22))
     for (int64_t c = 0; c < n_levels * cells; ++c) {
       const int64_t l = c / cells, i = c % cells;
-      mip[c] = mip_cell(child_mip + l * child_cells, res, m, int(i / (int64_t(r1) * r2)), int(i / r2 % r1), int(i % r2));
+      plain[offset + c] = mip_cell(child + l * child_cells, res, m, int(i / (int64_t(r1) * r2)), int(i / r2 % r1),
+                                   int(i % r2));
     }
-    child_mip = mip;
-    mip += n_levels * cells;
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_levels * cells > (int64_t(1) << 20))
+    for (int64_t c = 0; c < n_levels * cells; ++c) {
+      const int64_t l = c / cells, i = c % cells;
+      mips[offset + c] = dilated_mip_cell(plain + offset + l * cells, res, m, int(l), n_levels, aabbs,
+                                          int(i / (int64_t(r1) * r2)), int(i / r2 % r1), int(i % r2));
+    }
+    offset += n_levels * cells;
   }
 }
 

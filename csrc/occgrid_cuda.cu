@@ -55,14 +55,27 @@ __global__ void fill_kernel(MarchArgs<T> a, const int64_t* offsets, int64_t* ray
   march_ray(a, r, emit);
 }
 
-__global__ void mip_kernel(const uint8_t* child, uint8_t* mip, int n_levels, int r0, int r1, int r2, int m,
-                           int res0, int res1, int res2, int64_t child_cells) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t cells = int64_t(r0) * r1 * r2;
-  if (c >= n_levels * cells) return;
+__global__ void mip_kernel(const uint8_t* child, uint8_t* mip, int n_levels, int m, int res0, int res1, int res2) {
   const int res[3] = {res0, res1, res2};
+  const int64_t cells = mip_cells(res, m);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n_levels * cells) return;
+  const int r1 = mip_res(res1, m), r2 = mip_res(res2, m);
   const int64_t l = c / cells, i = c % cells;
-  mip[c] = mip_cell(child + l * child_cells, res, m, int(i / (int64_t(r1) * r2)), int(i / r2 % r1), int(i % r2));
+  mip[c] = mip_cell(child + l * mip_cells(res, m - 1), res, m, int(i / (int64_t(r1) * r2)), int(i / r2 % r1),
+                    int(i % r2));
+}
+
+__global__ void dilated_mip_kernel(const uint8_t* plain, const float* aabbs, uint8_t* mip, int n_levels, int m,
+                                   int res0, int res1, int res2) {
+  const int res[3] = {res0, res1, res2};
+  const int64_t cells = mip_cells(res, m);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n_levels * cells) return;
+  const int r1 = mip_res(res1, m), r2 = mip_res(res2, m);
+  const int64_t l = c / cells, i = c % cells;
+  mip[c] = dilated_mip_cell(plain + l * cells, res, m, int(l), n_levels, aabbs, int(i / (int64_t(r1) * r2)),
+                            int(i / r2 % r1), int(i % r2));
 }
 
 }  // namespace
@@ -94,20 +107,19 @@ void occgrid_fill_cuda(DType dtype, const MarchArgs<void>& a, const int64_t* off
   check(cudaGetLastError(), "occupancy march (fill) launch");
 }
 
-void occgrid_mips_cuda(const uint8_t* binaries, int n_levels, const int res[3], uint8_t* mips, int device,
-                       void* stream) {
+void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* plain,
+                       uint8_t* mips, int device, void* stream) {
   DeviceScope scope(device);
   auto s = static_cast<cudaStream_t>(stream);
-  const uint8_t* child = binaries;
-  uint8_t* mip = mips;
+  int64_t offset = 0;
   for (int m = 1; m < kMaxMips && max_of(max_of(mip_res(res[0], m - 1), mip_res(res[1], m - 1)), mip_res(res[2], m - 1)) > 1;
        ++m) {
-    const int r0 = mip_res(res[0], m), r1 = mip_res(res[1], m), r2 = mip_res(res[2], m);
-    const int64_t cells = mip_cells(res, m);
-    mip_kernel<<<blocks_for(n_levels * cells), kBlock, 0, s>>>(child, mip, n_levels, r0, r1, r2, m, res[0], res[1],
-                                                               res[2], mip_cells(res, m - 1));
-    child = mip;
-    mip += n_levels * cells;
+    const int64_t cells = n_levels * mip_cells(res, m);
+    const uint8_t* child = m == 1 ? binaries : plain + offset - n_levels * mip_cells(res, m - 1);
+    mip_kernel<<<blocks_for(cells), kBlock, 0, s>>>(child, plain + offset, n_levels, m, res[0], res[1], res[2]);
+    dilated_mip_kernel<<<blocks_for(cells), kBlock, 0, s>>>(plain + offset, aabbs, mips + offset, n_levels, m, res[0],
+                                                            res[1], res[2]);
+    offset += cells;
   }
   check(cudaGetLastError(), "occupancy mips launch");
 }

@@ -8,10 +8,13 @@
 // of the finest level containing it. Every one of these tests is computed operation by operation
 // in T as the twin computes it (so the kept samples are the twin's, bit for bit).
 //
-// Speed: after an empty sample, the largest empty block around it (a coarser mip) is skipped in
-// one go. The skip is decided in double precision and only taken when every skipped sample's
-// point lies farther than a bound on T's rounding error from the block's faces and from the next
-// finer level's box: the T test could not have found any of them occupied.
+// Speed: a sample test costs a few nanoseconds, so empty space is skipped only a block at a time
+// and only where the block spans many steps. The skip reads "dilated mips": a block of mip m
+// (2^m x 2^m x 2^m cells) is marked free when it and its 26 neighbouring blocks hold no occupied
+// cell, it does not touch its level's border (except on the outermost level) and, dilated by one
+// block, it keeps clear of the next finer level's box. A sample whose T cell lies in a free block
+// skips to the block's exit: the skipped samples' exact points lie within the T rounding bound E of
+// the block, their T points within 2 E < one block of it, so in empty cells of the same level.
 #pragma once
 
 #include "kernel_common.h"
@@ -32,6 +35,31 @@ FASTNEFES_HD uint8_t mip_cell(const uint8_t* child, const int res[3], int m, int
     for (int cj = 2 * j; cj < min_of(2 * j + 2, c1); ++cj)
       for (int ck = 2 * k; ck < min_of(2 * k + 2, c2); ++ck)
         if (child[(int64_t(ci) * c1 + cj) * c2 + ck]) return 1;
+  return 0;
+}
+
+// A cell of the dilated mip m (>= 1) of level l, from the plain mip m (`plain`: that level's
+// cells) and the boxes (see the file comment): 1 unless the block is free to skip.
+FASTNEFES_HD uint8_t dilated_mip_cell(const uint8_t* plain, const int res[3], int m, int l, int n_levels,
+                                      const float* aabbs, int i, int j, int k) {
+  const int r[3] = {mip_res(res[0], m), mip_res(res[1], m), mip_res(res[2], m)};
+  const int b[3] = {i, j, k};
+  for (int ax = 0; ax < 3; ++ax)  // touching the border of a level inside a coarser one
+    if (l < n_levels - 1 && (b[ax] == 0 || (b[ax] + 1) << m >= res[ax])) return 1;
+  if (l > 0) {  // the block and its neighbours against the finer level's box, in this level's cells
+    bool overlaps = true;
+    for (int ax = 0; ax < 3; ++ax) {
+      const double lo = double(aabbs[6 * l + ax]), size = (double(aabbs[6 * l + 3 + ax]) - lo) / res[ax];
+      const double in_lo = (double(aabbs[6 * (l - 1) + ax]) - lo) / size;
+      const double in_hi = (double(aabbs[6 * (l - 1) + 3 + ax]) - lo) / size;
+      overlaps = overlaps && double((b[ax] - 1) << m) < in_hi && double((b[ax] + 2) << m) > in_lo;
+    }
+    if (overlaps) return 1;
+  }
+  for (int ci = max_of(i - 1, 0); ci <= min_of(i + 1, r[0] - 1); ++ci)
+    for (int cj = max_of(j - 1, 0); cj <= min_of(j + 1, r[1] - 1); ++cj)
+      for (int ck = max_of(k - 1, 0); ck <= min_of(k + 1, r[2] - 1); ++ck)
+        if (plain[(int64_t(ci) * r[1] + cj) * r[2] + ck]) return 1;
   return 0;
 }
 
@@ -120,9 +148,10 @@ FASTNEFES_HD void slab_t(const T o[3], const T d[3], const T* box, T* t_min, T* 
   }
 }
 
-// The twin's occupied_at in T: occupancy of the finest level whose box contains p.
+// The twin's occupied_at in T: occupancy of the finest level whose box contains p; that level and
+// cell in *level / cell (level -1 when no box contains p).
 template <typename T>
-FASTNEFES_HD bool occupied_at(const MarchArgs<T>& a, const T p[3]) {
+FASTNEFES_HD bool occupied_at(const MarchArgs<T>& a, const T p[3], int* level, int cell[3]) {
   for (int l = 0; l < a.n_levels; ++l) {
     const T* box = a.aabbs + 6 * l;
     T u[3];
@@ -132,11 +161,12 @@ FASTNEFES_HD bool occupied_at(const MarchArgs<T>& a, const T p[3]) {
       inside = inside && u[ax] >= T(0) && u[ax] <= T(1);
     }
     if (!inside) continue;
-    int64_t ijk[3];
     for (int ax = 0; ax < 3; ++ax)
-      ijk[ax] = min_of(max_of(int64_t(mul_rn(u[ax], T(a.res[ax]))), int64_t(0)), int64_t(a.res[ax] - 1));
-    return a.binaries[((int64_t(l) * a.res[0] + ijk[0]) * a.res[1] + ijk[1]) * a.res[2] + ijk[2]] != 0;
+      cell[ax] = int(min_of(max_of(int64_t(mul_rn(u[ax], T(a.res[ax]))), int64_t(0)), int64_t(a.res[ax] - 1)));
+    *level = l;
+    return a.binaries[((int64_t(l) * a.res[0] + cell[0]) * a.res[1] + cell[1]) * a.res[2] + cell[2]] != 0;
   }
+  *level = -1;
   return false;
 }
 
@@ -151,112 +181,62 @@ struct RoundingOf<double> {
 
 // The ray in double, for the skip decisions.
 struct Ray64 {
-  double o[3], d[3];
-
-  FASTNEFES_HD void at(double t, double p[3]) const {
-    for (int ax = 0; ax < 3; ++ax) p[ax] = o[ax] + d[ax] * t;
-  }
+  double o[3], d[3], inv_d[3];
 };
 
-// Entry and exit of the ray through the box [lo - margin, hi + margin] (double).
-FASTNEFES_HD void slab64(const Ray64& ray, const double lo[3], const double hi[3], double margin, double* t_in,
-                         double* t_out) {
-  double t0 = -1e300, t1 = 1e300;
-  for (int ax = 0; ax < 3; ++ax) {
-    const double a = lo[ax] - margin, b = hi[ax] + margin;
-    if (ray.d[ax] == 0) {
-      if (ray.o[ax] < a || ray.o[ax] > b) t0 = 1e300;  // parallel and outside: never inside
-      continue;
-    }
-    const double ta = (a - ray.o[ax]) / ray.d[ax], tb = (b - ray.o[ax]) / ray.d[ax];
-    t0 = max_of(t0, min_of(ta, tb));
-    t1 = min_of(t1, max_of(ta, tb));
-  }
-  *t_in = t0;
-  *t_out = t1;
-}
-
+// Free (skippable) at mip m >= 1: the dilated mip's cell of the block holding fine cell `cell`.
 template <typename T>
-FASTNEFES_HD void level_box(const MarchArgs<T>& a, int l, double lo[3], double hi[3]) {
-  for (int ax = 0; ax < 3; ++ax) {
-    lo[ax] = double(a.aabbs[6 * l + ax]);
-    hi[ax] = double(a.aabbs[6 * l + 3 + ax]);
-  }
-}
-
-template <typename T>
-FASTNEFES_HD bool block_occupied(const MarchArgs<T>& a, int l, int m, const int cell[3]) {
-  if (m == 0) return a.binaries[((int64_t(l) * a.res[0] + cell[0]) * a.res[1] + cell[1]) * a.res[2] + cell[2]] != 0;
+FASTNEFES_HD bool block_free(const MarchArgs<T>& a, int l, int m, const int cell[3]) {
   const int r1 = mip_res(a.res[1], m), r2 = mip_res(a.res[2], m);
   const int64_t base = a.mip_offset[m] + int64_t(l) * mip_cells(a.res, m);
-  return a.mips[base + (int64_t(cell[0] >> m) * r1 + (cell[1] >> m)) * r2 + (cell[2] >> m)] != 0;
+  return a.mips[base + (int64_t(cell[0] >> m) * r1 + (cell[1] >> m)) * r2 + (cell[2] >> m)] == 0;
 }
 
-// The next step index to test after step k, whose T sample (midpoint `mid`) tested empty.
+// Steps a skip must span to repay its arithmetic (a sample test is a few nanoseconds).
+constexpr double kMinSkipSteps = 8;
+
+// The next step index to test after the empty step k (midpoint `mid`), whose T point fell in
+// `cell` of `level`.
 template <typename T>
-FASTNEFES_HD double skip_empty(const MarchArgs<T>& a, const StepSchedule& s, const Ray64& ray, double k, double mid) {
-  double p[3], lo[3], hi[3];
-  ray.at(mid, p);
-  int l = 0;  // the finest level containing p
-  for (; l < a.n_levels; ++l) {
-    level_box(a, l, lo, hi);
-    bool inside = true;
-    for (int ax = 0; ax < 3; ++ax) inside = inside && p[ax] >= lo[ax] && p[ax] <= hi[ax];
-    if (inside) break;
-  }
-  if (l == a.n_levels) return k + 1;
-  double cell_size[3];
-  int cell[3];
+FASTNEFES_HD double skip_empty(const MarchArgs<T>& a, const StepSchedule& s, const Ray64& ray, double k, double mid,
+                               int level, const int cell[3]) {
+  if (a.n_mips < 1 || !block_free(a, level, 1, cell)) return k + 1;
+  double lo[3], size[3], cell_min = 1e300;
   for (int ax = 0; ax < 3; ++ax) {
-    cell_size[ax] = (hi[ax] - lo[ax]) / a.res[ax];
-    cell[ax] = int(min_of(max_of(floor_of((p[ax] - lo[ax]) / cell_size[ax]), 0.0), double(a.res[ax] - 1)));
+    lo[ax] = double(a.aabbs[6 * level + ax]);
+    size[ax] = (double(a.aabbs[6 * level + 3 + ax]) - lo[ax]) / a.res[ax];
+    cell_min = min_of(cell_min, size[ax]);
   }
-  if (block_occupied(a, l, 0, cell)) return k + 1;  // a T rounding away from an occupied cell
-  int m = 0;  // the coarsest empty block around p
-  while (m < a.n_mips && !block_occupied(a, l, m + 1, cell)) ++m;
-  double b_lo[3], b_hi[3], ext = 0, reach = 0;
-  for (int ax = 0; ax < 3; ++ax) {
-    const int first = (cell[ax] >> m) << m, last = min_of(first + (1 << m), a.res[ax]);
-    b_lo[ax] = lo[ax] + first * cell_size[ax];
-    b_hi[ax] = lo[ax] + last * cell_size[ax];
-    ext = max_of(ext, hi[ax] - lo[ax]);
-    reach = max_of(reach, max_of(abs_of(ray.o[ax]), max_of(abs_of(b_lo[ax]), abs_of(b_hi[ax]))));
-  }
+  // The smallest mip whose blocks span kMinSkipSteps steps, then the coarsest free block.
+  const double span = kMinSkipSteps * max_of(s.step, s.cone * mid);
+  int m = 1;
+  while (m < a.n_mips && double(1 << m) * cell_min < span) ++m;
+  if (double(1 << m) * cell_min < span || !block_free(a, level, m, cell)) return k + 1;
+  while (m < a.n_mips && block_free(a, level, m + 1, cell)) ++m;
   double t_exit = 1e300;
   for (int ax = 0; ax < 3; ++ax) {
-    if (ray.d[ax] > 0) t_exit = min_of(t_exit, (b_hi[ax] - ray.o[ax]) / ray.d[ax]);
-    if (ray.d[ax] < 0) t_exit = min_of(t_exit, (b_lo[ax] - ray.o[ax]) / ray.d[ax]);
+    const int first = (cell[ax] >> m) << m, last = min_of(first + (1 << m), a.res[ax]);
+    if (ray.d[ax] > 0) t_exit = min_of(t_exit, (lo[ax] + last * size[ax] - ray.o[ax]) * ray.inv_d[ax]);
+    if (ray.d[ax] < 0) t_exit = min_of(t_exit, (lo[ax] + first * size[ax] - ray.o[ax]) * ray.inv_d[ax]);
   }
-  double d_max = 0;
-  for (int ax = 0; ax < 3; ++ax) d_max = max_of(d_max, abs_of(ray.d[ax]));
-  // A bound on how far T's point and cell arithmetic can put a sample from its exact position
-  // (world units; 16x the first-order terms: d * mid and o + ., p - lo, (hi - lo), / and * res).
-  const double error =
-      16.0 * RoundingOf<T>::eps * (d_max * max_of(abs_of(mid), abs_of(t_exit)) + 2.0 * reach + 5.0 * ext + 1.0);
-  double t_limit = t_exit;
-  if (l > 0) {  // stay clear of the next finer level's box
-    double in_lo[3], in_hi[3], t_in, t_out;
-    level_box(a, l - 1, in_lo, in_hi);
-    slab64(ray, in_lo, in_hi, error, &t_in, &t_out);
-    if (t_in <= t_out && t_out > mid) {
-      if (t_in <= mid) return k + 1;
-      t_limit = min_of(t_limit, t_in);
-    }
+  const double k_last = last_step_before<T>(s, t_exit, true);  // the last midpoint inside the block
+  return k_last > k ? k_last + 1 : k + 1;
+}
+
+// Whether skips are sound on this ray: twice a bound on how far T's point and cell arithmetic can
+// put a sample (world units; 16x the first-order terms: d * mid and o + ., p - lo, hi - lo, / and
+// * res) must stay under the smallest skipped block (2 fine cells of the finest level).
+template <typename T>
+FASTNEFES_HD bool skips_sound(const MarchArgs<T>& a, const Ray64& ray, double t_far) {
+  double reach = 0, ext = 0, cell_min = 1e300;
+  for (int ax = 0; ax < 3; ++ax) {
+    reach = max_of(reach, abs_of(ray.o[ax]) + abs_of(ray.d[ax]) * t_far);
+    const T* outer = a.aabbs + 6 * (a.n_levels - 1);
+    ext = max_of(ext, double(outer[ax + 3]) - double(outer[ax]));
+    cell_min = min_of(cell_min, (double(a.aabbs[ax + 3]) - double(a.aabbs[ax])) / a.res[ax]);
   }
-  // A skipped sample's exact point lies inside the block by more than the error bound, and before
-  // the ray comes within the bound of the finer level's box: T's test finds it in this block.
-  auto clear_of_faces = [&](double kk) {
-    double q[3];
-    ray.at(double(step_mid<T>(s, kk)), q);
-    for (int ax = 0; ax < 3; ++ax)
-      if (!(q[ax] - b_lo[ax] > error && b_hi[ax] - q[ax] > error)) return false;
-    return true;
-  };
-  if (!(double(step_mid<T>(s, k + 1)) < t_limit && clear_of_faces(k + 1))) return k + 1;
-  double k_last = last_step_before<T>(s, t_limit, false);  // midpoint < t_limit
-  for (int tries = 0; tries < 2 && k_last > k + 1 && !clear_of_faces(k_last); ++tries) k_last -= 1;
-  if (k_last <= k + 1 || !clear_of_faces(k_last)) return k + 2;  // k + 1 alone is clear
-  return k_last + 1;  // k + 1 .. k_last: between two clear samples on a straight ray
+  const double error = 16.0 * RoundingOf<T>::eps * (3.0 * reach + 5.0 * ext + 1.0);
+  return error < cell_min;
 }
 
 // March ray r; emit(r, t_start, t_end) for each kept sample, in order.
@@ -273,7 +253,13 @@ FASTNEFES_HD void march_ray(const MarchArgs<T>& a, int64_t r, Emit& emit) {
   const T t_lo = max_of(t_min, a.near[r]), t_hi = min_of(t_max, a.far[r]);
   if (!(t_lo < t_hi)) return;
   const StepSchedule s(double(a.near[r]), a.step, a.cone_angle);
-  const Ray64 ray{{double(o[0]), double(o[1]), double(o[2])}, {double(d[0]), double(d[1]), double(d[2])}};
+  Ray64 ray;
+  for (int ax = 0; ax < 3; ++ax) {
+    ray.o[ax] = double(o[ax]);
+    ray.d[ax] = double(d[ax]);
+    ray.inv_d[ax] = ray.d[ax] != 0 ? 1.0 / ray.d[ax] : 0.0;
+  }
+  const bool skips = skips_sound(a, ray, abs_of(double(t_hi)));
   double k = last_step_before<T>(s, double(t_lo), false) + 1;  // the first midpoint >= t_lo
   double t_k = s.t(k);
   while (true) {
@@ -283,15 +269,19 @@ FASTNEFES_HD void march_ray(const MarchArgs<T>& a, int64_t r, Emit& emit) {
     if (!(mid < t_hi)) break;
     T p[3];
     for (int ax = 0; ax < 3; ++ax) p[ax] = add_rn(o[ax], mul_rn(d[ax], mid));
-    if (occupied_at(a, p)) {
+    int level, cell[3];
+    if (occupied_at(a, p, &level, cell)) {
       emit(r, t0, t1);
-      k += 1;
-      t_k = t_next;
-      continue;
+    } else if (skips && level >= 0) {
+      const double next = skip_empty(a, s, ray, k, double(mid), level, cell);
+      if (next > k + 1) {
+        k = next;
+        t_k = s.t(k);
+        continue;
+      }
     }
-    const double next = skip_empty(a, s, ray, k, double(mid));
-    t_k = next == k + 1 ? t_next : s.t(next);
-    k = next;
+    k += 1;
+    t_k = t_next;
   }
 }
 

@@ -169,21 +169,23 @@ def test_mips_follow_in_place_updates(monkeypatch) -> None:
     assert grid.sampling(o, d, render_step_size=0.01)[0].numel() == 6  # one cell of 1/16 at step 0.01
     grid.update(0, lambda x: torch.zeros(len(x)))
     assert grid.sampling(o, d, render_step_size=0.01)[0].numel() == 0
-    mips = occupancy_mips(grid.binaries)
-    assert mips.dtype == torch.uint8 and mips.numel() == 8**3 + 4**3 + 2**3 + 1
 
 
-def test_mips_mark_any_occupied_child() -> None:
-    binaries = torch.zeros(2, 5, 3, 6, dtype=torch.bool)
-    binaries[0, 4, 2, 5] = True
-    binaries[1, 0, 1, 2] = True
-    mips = occupancy_mips(binaries)
-    # mip 1: ceil((5, 3, 6) / 2) = (3, 2, 3) per level; mip 2: (2, 1, 2); mip 3: (1, 1, 1)
-    mip1 = mips[: 2 * 18].view(2, 3, 2, 3)
-    assert mip1[0, 2, 1, 2] and mip1[1, 0, 0, 1] and int(mip1.sum()) == 2
-    mip2 = mips[36: 36 + 8].view(2, 2, 1, 2)
-    assert mip2[0, 1, 0, 1] and mip2[1, 0, 0, 0] and int(mip2.sum()) == 2
-    assert mips[44:].tolist() == [1, 1]
+def test_mips_free_blocks() -> None:
+    """A mip block is free to skip when it and its neighbours are empty, it does not touch an inner
+    level's border, and it keeps clear of the finer level's box."""
+    grid = OccupancyGrid(aabb=(0, 0, 0, 1, 1, 1), resolution=16, levels=2)
+    grid.binaries[1, 12, 12, 12] = True  # level 1 (the box [-0.5, 1.5]^3), mip-1 block (6, 6, 6)
+    mips = occupancy_mips(grid.binaries, grid.aabbs)
+    # mips 1..4 of a 16^3 grid: 8^3, 4^3, 2^3, 1 cells per level, all levels of a mip together
+    assert mips.numel() == 2 * (8**3 + 4**3 + 2**3 + 1)
+    mip1 = mips[: 2 * 8**3].view(2, 8, 8, 8)
+    inner, outer = mip1[0], mip1[1]
+    # level 0 (inside level 1): its border blocks may round into level 1: never free
+    assert inner[0].all() and inner[:, 7].all() and not inner[2:6, 2:6, 2:6].any()
+    # level 1: the occupied block and its 26 neighbours are not free, nor the blocks around level 0's box
+    assert outer[5:8, 5:8, 5:8].all() and not outer[0, 0, 0] and outer[2:6, 2:6, 2:6].all()
+    assert int((outer == 0).sum()) > 200
 
 
 def test_backend_order(monkeypatch) -> None:
@@ -199,7 +201,7 @@ def test_rejects_bad_inputs(native) -> None:
     grid = random_grid(8, 1, 0.5, seed=0)
     o, d = rays_at(4, seed=0)
     near, far = torch.zeros(4), torch.ones(4)
-    mips = occupancy_mips(grid.binaries)
+    mips = occupancy_mips(grid.binaries, grid.aabbs)
     with pytest.raises(ValueError, match="step > 0"):
         native.occgrid_march(o, d, near, far, grid.binaries, mips, grid.aabbs, 0.0, 0.0, 0)
     with pytest.raises(ValueError, match="mips"):

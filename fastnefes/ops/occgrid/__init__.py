@@ -111,7 +111,7 @@ class OccupancyGrid(nn.Module):
         holding it keeps its memory from being reused by another)."""
         b = self.binaries
         if self._mips_of is None or self._mips_of[0] is not b or self._mips_of[1] != b._version:
-            self._mips, self._mips_of = occupancy_mips(b), (b, b._version)
+            self._mips, self._mips_of = occupancy_mips(b, self.aabbs), (b, b._version)
         return self._mips
 
     # ---- update ---------------------------------------------------------------------------
