@@ -41,3 +41,47 @@ def test_verification_stride():
     assert verification_stride(480, 640, 4800) == 8
     assert verification_stride(120, 160, 4800) == 2
     assert verification_stride(10, 10, 4800) == 1
+
+
+def test_refinement_led_away_from_the_truth_comes_back_flagged(tiny_scene, tiny_run):
+    """A feature loss whose minimum is not at the truth (here: the query's features replaced by
+    those the field renders at another pose) pulls the pose away; the pixels catch it."""
+    from dataclasses import replace
+
+    from fastnefes.geometry import pose_errors
+    from fastnefes.refine import RefineConfig, Refiner
+
+    _, model = tiny_run
+    images, K, truth = query_views(tiny_scene, 3)
+    H, W = images.shape[1:3]
+    scale = 1.0 / float(model.normalization.scale)
+    start = perturb_poses(truth, 1.0, 0.01 * scale, seed=2)
+    lure = perturb_poses(truth, 6.0, 0.06 * scale, seed=3)
+    cfg = RefineConfig(iters=40, coarse_iters=0, polish_iters=0, search_pad=0.0)
+
+    def lured(config):
+        refiner = Refiner(model, config)
+
+        def encode(imgs, signal=None, stride=None):
+            with torch.no_grad():
+                return refiner.render_signal(torch.as_tensor(K, dtype=torch.float32), torch.as_tensor(lure, dtype=torch.float32),
+                                             H, W, stride or refiner.stride(), signal).detach()
+
+        refiner.encode_queries = encode
+        return refiner.refine(images, K, start)
+
+    t0, r0 = pose_errors(start, truth)
+    unchecked = lured(replace(cfg, verify_rays=0))
+    t1, r1 = pose_errors(unchecked.poses, truth)
+    moved_away = (t1 > t0 + 0.01 * scale) | (r1 > r0 + 0.5)
+    assert moved_away.any(), (t0, t1, r0, r1)  # the lure works: without the pixel check poses get worse
+    assert all(d.status in ("converged", "max_iters") for d, m in zip(unchecked.diagnostics, moved_away) if m)
+
+    checked = lured(cfg)
+    t2, r2 = pose_errors(checked.poses, truth)
+    for i, d in enumerate(checked.diagnostics):
+        assert d.confidence is not None and 0.0 <= d.confidence <= 1.0
+        if moved_away[i]:
+            assert d.status == "kept_initial" and d.rejected_by_pixels, d
+            np.testing.assert_allclose(checked.poses[i], start[i], atol=1e-6)
+    assert not ((t2 > t0 + 0.01 * scale) | (r2 > r0 + 0.5)).any(), (t0, t2, r0, r2)  # nothing worse is returned unflagged

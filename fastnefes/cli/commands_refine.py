@@ -138,7 +138,8 @@ def refine_command(
         result = refine(model, scene, split, init_poses, cfg, batch=batch, apr=apr_model, init_path=init or "APR", on_progress=on_progress)
     if result is None:  # a rank other than 0 of a sharded run: rank 0 writes the outputs
         return
-    write_poses(out, result.refined)
+    confidence = {n: d.confidence for n, d in zip(result.names, result.diagnostics)}
+    write_poses(out, result.refined, confidence if all(c is not None for c in confidence.values()) else None)
     report = {"run": str(run), "data": str(data), "data_options": scene.load_options, "split": split,
               "device": str(model.device), "config": cfg.to_dict(),
               "batch": batch, "ranks": shard.world_size if shard else 1, **result.to_json()}
@@ -155,4 +156,8 @@ def refine_command(
     lat = result.latency_ms()
     console.print(f"latency per query: p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms (batch {batch}, {model.device}); "
                   f"status: {result.status_counts()}")
+    check = result.verification()
+    if check["confidence_median"] is not None:
+        console.print(f"pixel check: {check['rejected_by_pixels']} refined pose(s) matched the query worse than the "
+                      f"initial one and were not taken; median confidence {check['confidence_median']:.2f}")
     console.print(f"wrote {out} and {json_path}")

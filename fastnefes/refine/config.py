@@ -26,6 +26,14 @@ class RefineConfig:
     patience: int = 3  # ... for this many consecutive iterations
     check_every: int = 1  # how often convergence is checked (a host sync on GPU)
     verify: bool = True  # keep the initial pose when the feature phase made its loss worse
+    # ... and (fastnefes.refine.verify) when the field's colour at the refined pose matches the
+    # query's pixels worse (SSIM on the overlap) than at the initial pose; also gives each query
+    # a confidence. verify_rays: pixels rendered per query and pose for it (0 = no pixel check).
+    verify_rays: int = 4800
+    verify_margin: float = 0.0  # SSIM the refined pose must gain over the initial one
+    # ... and reach at least this fraction of the field's SSIM on its own training views (where
+    # the model carries that reference: fastnefes.refine.verify.calibrate_pixel_check)
+    verify_min_fraction: float = 0.6
     # Restarts of the feature phase from the initial pose (no coarse iterations, step sizes
     # halved per restart); each query keeps the run with the lowest feature loss. 0 = off: each
     # restart costs a whole feature phase.

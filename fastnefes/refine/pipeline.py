@@ -34,10 +34,18 @@ class SplitRefinement:
             counts[d.status] = counts.get(d.status, 0) + 1
         return counts
 
+    def verification(self) -> dict:
+        """How many candidates the pixel check turned down, and the confidences."""
+        conf = [d.confidence for d in self.diagnostics if d.confidence is not None]
+        return {"rejected_by_pixels": sum(d.rejected_by_pixels for d in self.diagnostics),
+                "confidence_median": float(np.median(conf)) if conf else None,
+                "confidence_min": float(np.min(conf)) if conf else None}
+
     def to_json(self) -> dict:
         return {
             "latency_ms": self.latency_ms(),
             "status_counts": self.status_counts(),
+            "verification": self.verification(),
             "queries": [{"name": n, **d.to_dict()} for n, d in zip(self.names, self.diagnostics)],
         }
 
@@ -70,6 +78,10 @@ def refine_split(
     indices = match_init_to_split(scene, split, init, init_path)
     names = [scene.names[i] for i in indices]
     refiner = Refiner(model, config)
+    if config.verify and config.verify_rays > 0:
+        from fastnefes.refine.verify import calibrate_pixel_check
+
+        calibrate_pixel_check(model, scene, config.verify_rays)  # the pixel check's absolute floor
     refined: dict[str, np.ndarray] = {}
     start: dict[str, np.ndarray] = {}
     diags: dict[str, QueryDiagnostics] = {}

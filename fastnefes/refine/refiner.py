@@ -145,7 +145,19 @@ class Refiner:
             progress: called with the number of queries finished.
         """
         with self.frozen_model():
-            return self._refine(images, K, init_c2w, apr, progress)
+            result = self._refine(images, K, init_c2w, apr, progress)
+            if self.config.verify and self.config.verify_rays > 0:
+                from fastnefes.refine.verify import apply_verification
+
+                t0 = time.perf_counter()
+                with section("verification"):
+                    apply_verification(self.model, np.asarray(images), np.asarray(K), result,
+                                       self.config.verify_rays, self.config.verify_margin,
+                                       self.config.verify_min_fraction)
+                share = (time.perf_counter() - t0) / max(len(result.diagnostics), 1)
+                for d in result.diagnostics:  # latency includes the check
+                    d.wall_time_s += share
+            return result
 
     def _refine(self, images, K, init_c2w, apr, progress) -> RefineResult:
         images = np.asarray(images)

@@ -249,6 +249,10 @@ def track_split(
     check_init_poses(init, list(index), init_path, where)
     segments = tracking_segments(list(index), set(init), where, init_path)
     tracker = Tracker(model, frame_config, start_config)
+    if any(c.verify and c.verify_rays > 0 for c in (tracker.frame_refiner.config, tracker.start_refiner.config)):
+        from fastnefes.refine.verify import calibrate_pixel_check
+
+        calibrate_pixel_check(model, scene)  # the pixel check's absolute floor
     trajectory = Trajectory()
     for segment in segments:
         tracker.start(init[segment.names[0]])

@@ -107,3 +107,62 @@ def verify_refinement(model, images: np.ndarray | Tensor, K: Tensor, initial: Te
     returned = torch.where(accept, ssim1, ssim0)
     confidence = torch.where(finite, returned.clamp(0, 1) * coverage, torch.zeros_like(returned))
     return Verdict(accept, ssim0, ssim1, psnr0, psnr1, coverage, confidence)
+
+
+REFERENCE_VIEWS = 8  # training views the pixel reference is measured on
+
+
+def calibrate_pixel_check(model, scene, rays: int = 4800, views: int = REFERENCE_VIEWS) -> float:
+    """The field's own fit to its training images: median SSIM (as verify_refinement scores it)
+    of up to `views` training views, evenly spaced, rendered at their poses. Stored on the model
+    (`model.pixel_reference`) and returned; the absolute part of the pixel check is relative to it."""
+    cached = getattr(model, "pixel_reference", None)
+    if cached is not None:
+        return cached
+    train = scene.split("train")
+    pick = [train[int(k)] for k in np.linspace(0, len(train) - 1, min(views, len(train)))]
+    scores = []
+    for i in pick:  # one at a time: training images may differ in size
+        c2w = torch.as_tensor(scene.c2w[i:i + 1], dtype=torch.float32)
+        v = verify_refinement(model, scene.image(i)[None], torch.as_tensor(scene.K[i:i + 1], dtype=torch.float32),
+                              c2w, c2w, rays=rays)
+        if bool(torch.isfinite(v.ssim_initial[0])) and float(v.coverage[0]) > 0:
+            scores.append(float(v.ssim_initial[0]))
+    model.pixel_reference = float(np.median(scores)) if scores else None
+    return model.pixel_reference
+
+
+def apply_verification(model, images: np.ndarray, K: np.ndarray, result, rays: int = 4800,
+                       margin: float = 0.0, min_fraction: float = 0.6):
+    """Judge a RefineResult by the query pixels, in place. A candidate pose (status converged or
+    max_iters) is replaced by the initial pose (status kept_initial, rejected_by_pixels set) when
+    its rendering does not match the query better than the initial pose's, or, where the model
+    carries a pixel reference (calibrate_pixel_check), when its SSIM is below min_fraction of it:
+    the field then cannot explain the query at the refined pose, and a match better than at a
+    poor start proves nothing. Every query gets its confidence and scores.
+    images: uint8 [B,H,W,3]; K: [B,3,3]. Returns the result."""
+    B = len(result.diagnostics)
+    if B == 0:
+        return result
+    verdict = verify_refinement(model, images, torch.as_tensor(np.asarray(K), dtype=torch.float32),
+                                torch.as_tensor(result.initial, dtype=torch.float32),
+                                torch.as_tensor(result.poses, dtype=torch.float32), rays=rays, margin=margin)
+    reference = getattr(model, "pixel_reference", None)
+    floor = -math.inf if reference is None else min_fraction * reference
+    for i, diag in enumerate(result.diagnostics):
+        candidate = diag.status in ("converged", "max_iters")
+        if candidate and not (bool(verdict.accept[i]) and float(verdict.ssim_refined[i]) >= floor):
+            result.poses[i] = result.initial[i]
+            diag.status, diag.rejected_by_pixels = "kept_initial", True
+        at_refined = diag.status in ("converged", "max_iters")
+        ssim = float(verdict.ssim_refined[i] if at_refined else verdict.ssim_initial[i])
+        cover = float(verdict.coverage[i])
+        diag.confidence = min(max(ssim, 0.0), 1.0) * cover if math.isfinite(ssim) and cover > 0 else 0.0
+        diag.ssim_initial, diag.ssim_refined = _finite(verdict.ssim_initial[i]), _finite(verdict.ssim_refined[i])
+        diag.psnr_initial, diag.psnr_refined = _finite(verdict.psnr_initial[i]), _finite(verdict.psnr_refined[i])
+    return result
+
+
+def _finite(x: Tensor) -> float | None:
+    v = float(x)
+    return v if math.isfinite(v) else None
