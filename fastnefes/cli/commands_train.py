@@ -13,6 +13,7 @@ from fastnefes.cli.app import app, console
 from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
 from fastnefes.errors import FastnefesError
 
+EXPERT = "Expert settings"
 RunOut = Annotated[Path, typer.Option("--out", help="Run directory to write (config.json, model.safetensors, metrics.json).")]
 
 
@@ -46,16 +47,18 @@ def train_field_command(
     max_side: MaxSideOpt = None,
     focal: FocalOpt = None,
     sfm_poses: SfmPosesOpt = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps (default: the config's).")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="quick (1000 steps of 8k samples: a first look), default (3000 steps of 32k samples) or long (6000 steps).")] = "default",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON object of TrainConfig fields over the preset (its \"model\": ModelConfig fields); the options below win over it.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps (default: the preset's).")] = None,
     minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Train for this many minutes instead of a step count.")] = None,
     device: DeviceOpt = "auto",
-    extractor: Annotated[str, typer.Option("--extractor", help="ssl (self-supervised encoder) or PATH.pt (TorchScript extractor to distill).")] = "ssl",
-    feature_dim: Annotated[Optional[int], typer.Option("--feature-dim", min=1, help="Feature dimension (distill: must match the extractor).")] = None,
+    extractor: Annotated[str, typer.Option("--extractor", help="ssl (self-supervised encoder) or PATH.pt (TorchScript extractor to distill).", rich_help_panel=EXPERT)] = "ssl",
+    feature_dim: Annotated[Optional[int], typer.Option("--feature-dim", min=1, help="Feature dimension (distill: must match the extractor).", rich_help_panel=EXPERT)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out with its saved config.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    arch: Annotated[str, typer.Option("--arch", help="hash (fastnefes) or mlp (NeFeS's original sampler: the baseline).")] = "hash",
-    depth_weight: Annotated[float, typer.Option("--depth-weight", min=0.0, help="Supervise rendered depth with the data's depth maps at this weight (needs depth registered to the images).")] = 0.0,
-    space: Annotated[str, typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=EXPERT)] = 0,
+    arch: Annotated[str, typer.Option("--arch", help="hash (fastnefes) or mlp (NeFeS's original sampler: the baseline).", rich_help_panel=EXPERT)] = "hash",
+    depth_weight: Annotated[Optional[float], typer.Option("--depth-weight", min=0.0, help="Supervise rendered depth with the data's depth maps at this weight (needs depth registered to the images).", rich_help_panel=EXPERT)] = None,
+    space: Annotated[Optional[str], typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).", rich_help_panel=EXPERT)] = None,
 ) -> None:
     """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
     from fastnefes.train import STAGES, TrainConfig, train
@@ -72,18 +75,28 @@ def train_field_command(
         from fastnefes.train.run import read_data_options
 
         data_options = data_options.merged_over(read_data_options(out, data))
+    from fastnefes.io import read_json
+    from fastnefes.train.config import train_config
+
+    overrides = read_json(config_file) if config_file is not None else {}
+    if not isinstance(overrides, dict):
+        raise FastnefesError(f"{config_file}: expected a JSON object of TrainConfig fields")
+    given = {"depth_weight": depth_weight} if depth_weight is not None else {}
+    config = train_config(arch, preset, overrides, where=str(config_file or "train config"), seed=seed,
+                          device=str(torch_device), **given)
     scene = data_options.load(data)
     if not scene.split("train"):
         raise FastnefesError(f"{data}: no training images (the train split is empty)")
-    config = TrainConfig.for_arch(arch, seed=seed, device=str(torch_device), depth_weight=depth_weight)
-    if depth_weight > 0:
+    if config.depth_weight > 0:
         require_depth(scene)  # before the progress bar, so the error stays one line
     if steps is not None:
         config.steps = steps
-    config.minutes = minutes
-    if space not in ("auto", "bounded", "contracted"):
-        raise FastnefesError(f"--space {space!r}: expected auto, bounded or contracted")
-    config.model.space = space
+    if minutes is not None:
+        config.minutes = minutes
+    if space is not None:
+        config.model.space = space
+    if config.model.space not in ("auto", "bounded", "contracted"):
+        raise FastnefesError(f"--space {config.model.space!r}: expected auto, bounded or contracted")
     extractor_module, extractor_path = None, None
     if extractor != "ssl":
         extractor_path = Path(extractor)

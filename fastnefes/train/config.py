@@ -137,3 +137,38 @@ class TrainConfig:
         if unknown:
             raise FastnefesError(f"train config: unknown keys {unknown}")
         return cls(**d)
+
+
+# Named budgets (`fastnefes train --preset`), TrainConfig fields over the arch's defaults.
+# quick: a first look in a few CPU minutes (a quarter of the samples per step, a third of the
+# steps); default: the defaults above; long: twice the steps, for a field to refine hard queries
+# against.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"steps": 1000, "batch_samples": 1 << 13},
+    "default": {},
+    "long": {"steps": 6000},
+}
+
+
+def train_config(arch: str = "hash", preset: str = "default", overrides: Optional[dict[str, Any]] = None,
+                 where: str = "train config", **fields_: Any) -> TrainConfig:
+    """TrainConfig of `arch`'s defaults, then the named preset (TRAIN_PRESETS), then `overrides`
+    (a JSON-style dict of TrainConfig fields; its "model" entry a dict of ModelConfig fields),
+    then keyword fields. Unknown names are one-line errors naming `where`."""
+    if preset not in TRAIN_PRESETS:
+        raise FastnefesError(f"--preset {preset!r}: expected one of {', '.join(TRAIN_PRESETS)}")
+    overrides = dict(overrides or {})
+    if not all(isinstance(k, str) for k in overrides):
+        raise FastnefesError(f"{where}: expected a JSON object of TrainConfig fields")
+    model_over = overrides.pop("model", {})
+    if not isinstance(model_over, dict):
+        raise FastnefesError(f"{where}: \"model\" must be a JSON object of ModelConfig fields")
+    names = {f.name for f in fields(TrainConfig)} - {"model"}
+    unknown = sorted(set(overrides) - names) + [f"model.{k}" for k in sorted(set(model_over) - {f.name for f in fields(ModelConfig)})]
+    if unknown:
+        raise FastnefesError(f"{where}: unknown settings {unknown}")
+    cfg = TrainConfig.for_arch(arch, **{**TRAIN_PRESETS[preset], **overrides, **fields_})
+    for key, value in model_over.items():
+        setattr(cfg.model, key, value)
+    return cfg
+

@@ -1,0 +1,43 @@
+"""Named presets and --config files for train (refine's: tests/test_refine_cli via RefineConfig.preset)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_main
+from fastnefes.errors import FastnefesError
+from fastnefes.train.config import TRAIN_PRESETS, TrainConfig, train_config
+
+
+def test_train_presets_are_documented_configs():
+    assert train_config().to_dict() == TrainConfig.for_arch("hash").to_dict()  # default = the defaults
+    quick = train_config(preset="quick")
+    assert quick.steps == TRAIN_PRESETS["quick"]["steps"] and quick.batch_samples == TRAIN_PRESETS["quick"]["batch_samples"]
+    assert train_config(preset="long").steps > TrainConfig().steps
+    # a file's settings over the preset, keyword fields over the file; model fields nested
+    cfg = train_config("hash", "quick", {"steps": 50, "model": {"feature_dim": 8}}, steps=60)
+    assert cfg.steps == 60 and cfg.model.feature_dim == 8 and cfg.batch_samples == TRAIN_PRESETS["quick"]["batch_samples"]
+    assert train_config("mlp").model.arch == "mlp"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"stepz": 3}, "stepz"), ({"model": {"grdi": {}}}, "model.grdi"), ({"model": 3}, "model"), ({"steps": -1}, "steps"),
+])
+def test_train_config_errors_name_the_setting(overrides, needle):
+    with pytest.raises(FastnefesError, match=needle):
+        train_config(overrides=overrides, where="cfg.json")
+
+
+def test_train_cli_rejects_bad_config_files(monkeypatch, capsys, tmp_path):
+    tiny_dataset = tmp_path  # the settings are checked before the data is read
+    bad = tmp_path / "bad.json"
+    for text, needle in (('{"stepz": 1}', "stepz"), ("[1, 2]", "JSON object"), ("{not json", "not valid JSON")):
+        bad.write_text(text)
+        code, out, err = run_main(monkeypatch, capsys, "train", str(tiny_dataset), "--out", str(tmp_path / "run"),
+                                  "--config", str(bad))
+        assert code == 2 and needle in err and str(bad) in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_main(monkeypatch, capsys, "train", str(tiny_dataset), "--out", str(tmp_path / "run"), "--preset", "huge")
+    assert code == 2 and "quick, default, long" in err
+    assert not (tmp_path / "run").exists()
