@@ -61,6 +61,8 @@ def serve_command(
     defaults = settings_config(RefineConfig(), read_settings(settings), where="--settings")
     model, _ = load_run(run, resolve_device(device))
     record = read_json(run / CONFIG_FILE).get("data")
+    if defaults.verify and defaults.verify_rays > 0:
+        _calibrate_pixel_check(model, record, defaults.verify_rays)
     service = RefineService(model, run, defaults, max_batch, max_wait_ms / 1e3, record, int(max_upload_mb * 2**20))
     failure = service.warm_up() if warmup else None
     if failure:
@@ -68,6 +70,20 @@ def serve_command(
     console.print(f"serving {run} on http://{host}:{port} ({model.device}; batches of up to {max_batch}, "
                   f"{max_wait_ms:g} ms wait); docs at /docs", highlight=False)
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _calibrate_pixel_check(model, record: dict | None, rays: int) -> None:
+    """The pixel check's absolute floor from the run's training views, where the data the run
+    records can be read here; else a warning (the relative check still runs)."""
+    from fastnefes.data.options import DataOptions
+    from fastnefes.refine.verify import calibrate_pixel_check
+
+    try:
+        root = record["data"]
+        calibrate_pixel_check(model, DataOptions.from_record(record, root).load(root), rays)
+    except (FastnefesError, KeyError, TypeError, OSError) as exc:
+        console.print(f"[yellow]warning:[/] the pixel check runs without its floor relative to the training views "
+                      f"(their data could not be read: {exc})", highlight=False)
 
 
 @app.command("query")
