@@ -49,7 +49,10 @@ def feature_equations(rendered: Tensor, jacobian: Tensor, query: Tensor, kind: s
     s = residual.pow(2).sum(-1)  # [B, P]
     P = rendered.shape[1]
     if kind == "cosine":
-        loss, weights = 0.5 * s.mean(1), None
+        # 1 - n.q: |n - q|^2 / 2 for a unit n, and 1 (cosine 0, as feature_metric_loss) where
+        # nothing was rendered (f = 0, n = 0), where |n - q|^2 / 2 would say 1/2. Its gradient
+        # is J^T r either way: n^T (I - n n^T) = 0.
+        loss, weights = (1.0 - (n * q).sum(-1)).mean(1), None
     elif kind == "robust":
         loss, weights = torch.log1p(s / ROBUST_SCALE2).mean(1), 2.0 / (ROBUST_SCALE2 + s)
     else:

@@ -86,6 +86,8 @@ def render_samples(model, K: Tensor, c2w: Tensor, pixels: Tensor, samples: tuple
         jacobian: False returns values only (d_* None), through the ordinary render.
     Fields without forward tangents (field_jacobian.supports) take `render_samples_reverse`.
     """
+    if samples[0].numel() == 0:  # no ray has samples (nothing in view): the background alone
+        return _background_only(model, c2w.shape[0], pixels.shape[-2], with_features, jacobian)
     if not jacobian:
         return _render_values(model, K, c2w, pixels, samples, with_features)
     if not supports(model):
@@ -145,6 +147,18 @@ def render_samples(model, K: Tensor, c2w: Tensor, pixels: Tensor, samples: tuple
     return RenderWithJacobian(rgb, full[:, 3:C].view(r, N, C - 3) if with_features else None,
                               full[:, C].view(r, N), full[:, C + 1].view(r, N), J[:, :, :3],
                               J[:, :, 3:] if with_features else None)
+
+
+def _background_only(model, r: int, N: int, with_features: bool, jacobian: bool) -> RenderWithJacobian:
+    """The render of r * N rays that meet nothing: the background, zero features, opacity,
+    depth and Jacobians."""
+    dev, D = model.device, int(model.feature_dim)
+    zeros = torch.zeros(r, N, device=dev)
+    return RenderWithJacobian(
+        model.background().detach().expand(r, N, 3).clone(),
+        torch.zeros(r, N, D, device=dev) if with_features else None, zeros, zeros.clone(),
+        torch.zeros(r, N, 3, 6, device=dev) if jacobian else None,
+        torch.zeros(r, N, D, 6, device=dev) if jacobian and with_features else None)
 
 
 def _rays_at(K: Tensor, c2w: Tensor, pixels: Tensor, index: Tensor, eps: Optional[Tensor]) -> tuple[Tensor, Tensor]:
