@@ -53,7 +53,7 @@ def refine_command(
     split: SplitOpt = "test",
     target: Annotated[str, typer.Option("--target", help="pose: optimise an SE(3) increment; apr: a per-query copy of the APR's weights.")] = "pose",
     apr: Annotated[Optional[Path], typer.Option("--apr", help="APR directory (fastnefes apr train), for --target apr.")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="thorough (the defaults: 150 Adam iterations, a full march at every render) or fast (opt-in: Levenberg-Marquardt on the features, surface-guided sampling; less accurate on the room benchmark); the options below override it.")] = "thorough",
+    preset: Annotated[str, typer.Option("--preset", help="thorough (the defaults: 150 Adam iterations, a full march at every render) or fast (opt-in: Levenberg-Marquardt on the features, surface-guided sampling); the options below override it.")] = "thorough",
     method: Annotated[Optional[str], typer.Option("--method", help="Feature-phase optimiser: lm (Levenberg-Marquardt) or adam (NeFeS).", rich_help_panel="Expert refinement settings")] = None,
     iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase renders per query at most, coarse ones included (fast: 30, thorough: 150).", rich_help_panel="Expert refinement settings")] = None,
     band_samples: Annotated[Optional[int], typer.Option("--band-samples", min=0, help="Surface-guided sampling: samples per ray around the surface a phase's first render found (fast: 8; 0 = a full march at every render).", rich_help_panel="Expert refinement settings")] = None,

@@ -111,9 +111,10 @@ class RefineConfig:
 # Named settings (`fastnefes refine --preset`). "thorough" is the defaults: 150 Adam iterations
 # on the feature loss (40 of them at half resolution) and a full march of every ray at every
 # render. "fast" (opt-in) is Levenberg-Marquardt on the feature residual, 30 renders (10 coarse),
-# surface-band sampling: it is not the default because on the room benchmark it was less
-# accurate than "thorough" (benchmarks/results/refine_presets_room_cpu.json) and on the tiny test
-# field its large steps leave the truth's basin (tests/test_refine.py).
+# surface-band sampling. It is not the default: on the room benchmark on one CPU thread
+# (benchmarks/results/refine_presets_room_cpu.json) its forward-tangent renders cost 226 ms per
+# iteration against 31 ms, 29 s per query against 10 s, and on the tiny test field its large
+# steps leave the truth's basin (tests/test_refine.py fails with it as the defaults).
 PRESETS: dict[str, dict] = {
     "fast": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
     "thorough": {},
