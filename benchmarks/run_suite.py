@@ -50,19 +50,25 @@ def markdown(train: dict, refine: dict) -> str:
                          (f"> {q['lower_bound']:.1f}x" if q["lower_bound"] is not None else "-"))
         lines.append("| mlp / hash | | | | | | " + " | ".join(cells) + " | |")
     lines.append("")
-    rows = refine["archs"]
+    rows = refine["rows"]
     first = next(iter(rows.values()))
     batches = [t["batch"] for t in first["throughput"]]
-    lines += ["| refinement | p50 ms | p95 ms | p99 ms | ms / iteration | error before | error after | "
-              + " | ".join(f"queries/s @{b}" for b in batches) + " |", "|---" * (7 + len(batches)) + "|"]
-    for arch, r in rows.items():
+    lines += ["| refinement | p50 ms | p95 ms | p99 ms | ms / iteration | iterations | error before | error after | within | "
+              + " | ".join(f"queries/s @{b}" for b in batches) + " |", "|---" * (9 + len(batches)) + "|"]
+    for label, r in rows.items():
         lat, eb, ea = r["latency_ms"], r["error_before"], r["error_after"]
-        lines.append(f"| {arch} | {lat['p50']:.0f} | {lat['p95']:.0f} | {lat['p99']:.0f} | {r['breakdown']['iteration_ms']:.1f} | "
-                     f"{eb['median_trans']:.3f} / {eb['median_rot_deg']:.2f}° | {ea['median_trans']:.4f} / {ea['median_rot_deg']:.3f}° | "
+        lines.append(f"| {label} | {lat['p50']:.0f} | {lat['p95']:.0f} | {lat['p99']:.0f} | {r['breakdown']['iteration_ms']:.1f} | "
+                     f"{r['iterations_median']:g} | {eb['median_trans']:.3f} / {eb['median_rot_deg']:.2f}° | "
+                     f"{ea['median_trans']:.4f} / {ea['median_rot_deg']:.3f}° | {r['within']['fraction']:.0%} | "
                      + " | ".join(f"{t['queries_per_s']:.2f}" for t in r["throughput"]) + " |")
+    first_label = next(iter(rows))
+    ratio_rows = [(f"{label} / {first_label}", q) for label, q in refine.get("presets", {}).items()]
+    if "end_to_end" in refine:
+        ratio_rows.append((f"{list(rows)[-1]} / {first_label}", refine["end_to_end"]))
     if "ratios" in refine:
-        q = refine["ratios"]
-        lines.append(f"| mlp / hash | {q['latency_p50']:.1f}x | | | {q['iteration_time']:.1f}x | | | " + " | " * (len(batches) - 1) + " |")
+        ratio_rows.append(("mlp / hash, same preset", refine["ratios"]))
+    for label, q in ratio_rows:
+        lines.append(f"| {label} | {q['latency_p50']:.1f}x | | | {q['iteration_time']:.1f}x | | | | | " + " | " * (len(batches) - 1) + " |")
     fm = first["breakdown"]["feature_map"]
     lines += ["", f"Errors: medians over {first['latency_ms']['n']} queries (dataset units / degrees); feature maps "
               f"{fm[0]}x{fm[1]}; throughput with {first['throughput_iters']} feature iterations"

@@ -39,7 +39,7 @@ def _sample(model: FeatureFieldModel, origins: Tensor, dirs: Tensor, stratified:
     with torch.no_grad():
         samples = model.occupancy.sampling(o, d, sigma_fn=sigma_fn if cfg.cull_samples else None, near_plane=near,
                                            render_step_size=model.render_step_size, early_stop_eps=cfg.early_stop_eps,
-                                           alpha_thre=cfg.alpha_thre, stratified=stratified)
+                                           alpha_thre=cfg.alpha_thre, stratified=stratified, cone_angle=cfg.cone_angle)
     return (*samples, candidates[0])
 
 
@@ -72,7 +72,8 @@ def _sample_hierarchical(model: FeatureFieldModel, origins: Tensor, dirs: Tensor
 
 def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, image_ids: Optional[Tensor] = None,
                 act_histograms: Optional[Tensor] = None, with_features: bool = True, training: bool = False,
-                near: Optional[float] = None) -> dict[str, Tensor]:
+                near: Optional[float] = None, samples: Optional[tuple[Tensor, Tensor, Tensor]] = None
+                ) -> dict[str, Tensor]:
     """Render world rays.
 
     Args:
@@ -82,6 +83,9 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
         with_features: also composite the static feature head.
         training: stratified sampling.
         near: near plane in dataset units (default: the scene normalisation's near).
+        samples: packed samples (ray_indices [N] sorted, t_starts [N], t_ends [N]) in unit-cube
+            distances to use instead of marching (e.g. fastnefes.refine.surface's band around a
+            known surface); the positions still follow rays_o / rays_d.
     Returns:
         'rgb' [R,3] static colour over the background; 'rgb_train' [R,3] the colour compared with
         an image (static + transient when image_ids are given, through ACT when histograms are);
@@ -98,7 +102,10 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
     near_unit = near * float(model.normalization.scale)
     coarse_rgb = None
     with section("sampling"):
-        if model.config.arch == "mlp":
+        if samples is not None:
+            ray_idx, t0, t1 = samples
+            n_candidates = 0
+        elif model.config.arch == "mlp":
             ray_idx, t0, t1, coarse_rgb = _sample_hierarchical(model, origins, rays_d, training, near_unit, training)
             n_candidates = n_rays * model.config.coarse_samples  # the coarse network's samples
         else:

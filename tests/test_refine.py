@@ -239,19 +239,33 @@ def test_verification_keeps_the_initial_pose_when_the_loss_gets_worse(tiny_run, 
     assert [d.status for d in res.diagnostics] == ["kept_initial", "kept_initial"]
 
 
-def test_nan_loss_returns_the_initial_pose_flagged_failed(tiny_run, tiny_scene, monkeypatch):
+@pytest.mark.parametrize("method", ["adam", "lm"])
+def test_nan_loss_returns_the_initial_pose_flagged_failed(tiny_run, tiny_scene, monkeypatch, method):
+    """A query whose feature loss turns non-finite stops, flagged failed, at its initial pose.
+    The NaN goes in where each feature phase computes its loss: Adam's through Refiner.loss (with
+    gradients), Levenberg-Marquardt's through feature_equations (it never calls Refiner.loss)."""
+    import fastnefes.refine.feature_gauss_newton as fgn
+
     _, model = tiny_run
     images, K, gt = query_views(tiny_scene, 2)
-    refiner = Refiner(model, RefineConfig(iters=4, coarse_iters=0))
+    refiner = Refiner(model, RefineConfig(method=method, iters=4, coarse_iters=0))
+    nan = torch.tensor([1.0, float("nan")])
     real = refiner.loss
 
     def nan_for_second(rendered, target, signal=None):
         out = real(rendered, target, signal)
         if out.requires_grad and out.shape[0] == 2:
-            out = out * torch.tensor([1.0, float("nan")])
+            out = out * nan
         return out
 
+    real_equations = fgn.feature_equations
+
+    def nan_equations_for_second(*args, **kw):
+        loss, JtJ, Jtr = real_equations(*args, **kw)
+        return (loss * nan if loss.shape[0] == 2 else loss), JtJ, Jtr
+
     monkeypatch.setattr(refiner, "loss", nan_for_second)
+    monkeypatch.setattr(fgn, "feature_equations", nan_equations_for_second)
     res = refiner.refine(images, K, gt)
     assert np.all(np.isfinite(res.poses))
     assert res.diagnostics[1].status == "failed" and np.allclose(res.poses[1], gt[1], atol=1e-6)

@@ -101,42 +101,45 @@ def train_table(result: dict) -> Table:
 
 
 def refine_tables(result: dict) -> list[Table]:
-    archs = result["archs"]
+    rows = result["rows"]
     main = Table(title="bench refine")
-    batches = [t["batch"] for t in next(iter(archs.values()))["throughput"]]
-    for col in ("arch", "p50 ms", "p95 ms", "p99 ms", "iteration ms", "error before", "error after",
-                *[f"q/s @{b}" for b in batches]):
-        main.add_column(col, justify="left" if col == "arch" else "right")
-    for arch, row in archs.items():
+    first = next(iter(rows.values()))
+    batches = [t["batch"] for t in first["throughput"]]
+    lim = first["within"]
+    for col in ("arch preset", "p50 ms", "p95 ms", "ms / iteration", "iterations", "error before", "error after",
+                f"within {lim['trans']:g} / {lim['rot_deg']:g}°", *[f"q/s @{b}" for b in batches]):
+        main.add_column(col, justify="left" if col == "arch preset" else "right")
+    for label, row in rows.items():
         lat = row["latency_ms"]
         eb, ea = row["error_before"], row["error_after"]
-        main.add_row(arch, f"{lat['p50']:.0f}", f"{lat['p95']:.0f}", f"{lat['p99']:.0f}",
-                     f"{row['breakdown']['iteration_ms']:.1f}",
-                     f"{eb['median_trans']:.3g}/{eb['median_rot_deg']:.2f}°",
-                     f"{ea['median_trans']:.3g}/{ea['median_rot_deg']:.2f}°",
+        main.add_row(label, f"{lat['p50']:.0f}", f"{lat['p95']:.0f}", f"{row['breakdown']['iteration_ms']:.1f}",
+                     f"{row['iterations_median']:g}", f"{eb['median_trans']:.3g}/{eb['median_rot_deg']:.2f}°",
+                     f"{ea['median_trans']:.3g}/{ea['median_rot_deg']:.2f}°", f"{row['within']['fraction']:.0%}",
                      *[f"{t['queries_per_s']:.2f}" for t in row["throughput"]])
+    first_label = next(iter(rows))
+    ratio_rows = [(f"{label} / {first_label}", r) for label, r in result.get("presets", {}).items()]
+    if "end_to_end" in result:
+        ratio_rows.append((f"{list(rows)[-1]} / {first_label}", result["end_to_end"]))
     if "ratios" in result:
-        r = result["ratios"]
-        main.add_row("mlp / hash", f"{r['latency_p50']:.1f}x", "", "", f"{r['iteration_time']:.1f}x", "", "", *[""] * len(batches),
-                     style="bold")
-    first = next(iter(archs.values()))
+        ratio_rows.append(("mlp / hash, same preset", result["ratios"]))
+    for label, r in ratio_rows:
+        main.add_row(label, f"{r['latency_p50']:.1f}x", "", f"{r['iteration_time']:.1f}x", "", "", "", "",
+                     *[""] * len(batches), style="bold")
     fm = first["breakdown"]["feature_map"]
-    main.caption = (f"median errors (dataset units / degrees) over {first['latency_ms']['n']} queries; "
+    main.caption = (f"median errors (dataset units / degrees) over {first['latency_ms']['n']} queries, rows interleaved; "
                     f"throughput with {first['throughput_iters']} feature iterations"
-                    f"{'' if first['throughput_polish'] else ' and no polish'}; feature maps {fm[0]}x{fm[1]}")
+                    f"{'' if first['throughput_polish'] else ' and no polish'}; feature maps {fm[0]}x{fm[1]}; "
+                    f"ms / iteration: one feature-phase render with its optimiser step")
     parts = Table(title="per-iteration breakdown (ms)")
     parts.add_column("section")
-    for arch in archs:
-        parts.add_column(arch, justify="right")
-    if len(archs) == 2:
-        parts.add_column("/".join(reversed(list(archs))), justify="right")
+    for label in rows:
+        parts.add_column(label, justify="right")
     names = list(first["breakdown"]["sections_ms"])
-    rows = [("encoder (per query)", [a["breakdown"]["encoder_ms_per_query"] for a in archs.values()])]
-    rows += [(n, [a["breakdown"]["sections_ms"][n] for a in archs.values()]) for n in names]
-    rows += [("iteration", [a["breakdown"]["iteration_ms"] for a in archs.values()])]
-    for name, vals in rows:
-        ratio = [f"{vals[1] / vals[0]:.1f}x" if vals[0] > 1e-6 else "-"] if len(vals) == 2 else []
-        parts.add_row(name, *[f"{v:.2f}" for v in vals], *ratio)
+    lines = [("encoder (per query)", [a["breakdown"]["encoder_ms_per_query"] for a in rows.values()])]
+    lines += [(n, [a["breakdown"]["sections_ms"][n] for a in rows.values()]) for n in names]
+    lines += [("iteration", [a["breakdown"]["iteration_ms"] for a in rows.values()])]
+    for name, vals in lines:
+        parts.add_row(name, *[f"{v:.2f}" for v in vals])
     return [main, parts]
 
 
@@ -217,6 +220,8 @@ def bench_refine_command(
     throughput_iters: Annotated[Optional[int], typer.Option("--throughput-iters", min=1, help="Feature iterations in the throughput runs (default: the refine config's).")] = None,
     throughput_polish: Annotated[bool, typer.Option("--throughput-polish/--throughput-no-polish", help="Include the photometric polish in the throughput runs.")] = True,
     breakdown_iters: Annotated[int, typer.Option("--breakdown-iters", min=1, help="Iterations timed for the per-iteration breakdown.")] = 10,
+    presets: Annotated[str, typer.Option("--presets", help="Refinement presets measured side by side on the run, comma separated (the first is the reference of the ratios).")] = "fast,thorough",
+    baseline_preset: Annotated[str, typer.Option("--baseline-preset", help="The preset of the --baseline run's row.")] = "thorough",
     config: ConfigOpt = "{}",
     json_out: JsonOpt = None,
     format: FormatOpt = None,
@@ -227,10 +232,11 @@ def bench_refine_command(
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
-    """Per-query latency (p50/p95/p99), per-iteration breakdown, batched throughput and error after
-    refinement; with --baseline, both runs side by side with ratios.
+    """Per-query latency (p50/p95/p99), per-iteration breakdown, batched throughput and accuracy
+    after refinement, for each --presets on the run (default: fast and thorough, side by side
+    in one run) and, with --baseline, the other arch's run with --baseline-preset.
 
-    --config takes RefineConfig overrides, e.g. '{"polish_iters": 0}'.
+    --config takes RefineConfig overrides applied to every row, e.g. '{"polish_iters": 0}'.
     """
     from fastnefes.bench import RefineBenchConfig, bench_refine
     from fastnefes.refine.config import RefineConfig
@@ -242,8 +248,14 @@ def bench_refine_command(
     if unknown:
         raise FastnefesError(f"--config: unknown refine settings {unknown}")
     RefineConfig.from_dict({**RefineConfig().to_dict(), **overrides})  # validates the values before any work
+    from fastnefes.refine.config import PRESETS
+
+    preset_list = tuple(p.strip() for p in presets.split(",") if p.strip())
+    bad = [p for p in (*preset_list, baseline_preset) if p not in PRESETS]
+    if bad or not preset_list:
+        raise FastnefesError(f"--presets {presets!r} / --baseline-preset {baseline_preset!r}: expected names among {', '.join(PRESETS)}")
     cfg = RefineBenchConfig(split=split, queries=queries, rot_deg=_range(rot_deg, "--rot-deg"), trans=_range(trans, "--trans"),
-                            seed=seed, breakdown_iters=breakdown_iters,
+                            seed=seed, breakdown_iters=breakdown_iters, presets=preset_list, baseline_preset=baseline_preset,
                             batch_sizes=tuple(_numbers(batch_sizes, "--batch-sizes", int)),
                             throughput_iters=throughput_iters, throughput_polish=throughput_polish, refine=overrides)
     torch_device = resolve_device(device)

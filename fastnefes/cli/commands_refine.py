@@ -53,19 +53,22 @@ def refine_command(
     split: SplitOpt = "test",
     target: Annotated[str, typer.Option("--target", help="pose: optimise an SE(3) increment; apr: a per-query copy of the APR's weights.")] = "pose",
     apr: Annotated[Optional[Path], typer.Option("--apr", help="APR directory (fastnefes apr train), for --target apr.")] = None,
-    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase iterations per query (default 150).")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="thorough (the defaults: 150 Adam iterations, a full march at every render) or fast (opt-in: Levenberg-Marquardt on the features, surface-guided sampling); the options below override it.")] = "thorough",
+    method: Annotated[Optional[str], typer.Option("--method", help="Feature-phase optimiser: lm (Levenberg-Marquardt) or adam (NeFeS).", rich_help_panel="Expert refinement settings")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase renders per query at most, coarse ones included (fast: 30, thorough: 150).", rich_help_panel="Expert refinement settings")] = None,
+    band_samples: Annotated[Optional[int], typer.Option("--band-samples", min=0, help="Surface-guided sampling: samples per ray around the surface a phase's first render found (fast: 8; 0 = a full march at every render).", rich_help_panel="Expert refinement settings")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Queries refined together in one batched render.")] = 8,
-    loss: Annotated[str, typer.Option("--loss", help="cosine | robust")] = "cosine",
-    signal: Annotated[str, typer.Option("--signal", help="features | rgb (photometric, iNeRF-style)")] = "features",
-    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 20; 0 = none).")] = None,
-    polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 2; the level before it uses twice that).")] = None,
-    search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the feature phase: one render widened by this fraction of the view on every side, the camera turned to the best-matching window (default 0.3; 0 = none).")] = None,
-    second_opinion: Annotated[bool, typer.Option("--second-opinion", help="A query the rotation search turned also runs the feature phase from its initial pose and keeps the run with the lower loss (costs a phase for each such query; default off).")] = False,
-    match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 0 = none).")] = None,
-    restarts: Annotated[Optional[int], typer.Option("--restarts", min=0, help="Extra feature-phase runs from the initial pose (no coarse iterations, step sizes halved per restart); each query keeps its lowest-loss run (default 0).")] = None,
-    polish_levels: Annotated[Optional[int], typer.Option("--polish-levels", min=1, help="Polish pyramid levels, each at twice the stride of the next, down to --polish-stride (default 3: strides 8, 4, 2).")] = None,
-    polish_rays: Annotated[Optional[int], typer.Option("--polish-rays", min=0, help="Rays fitted per query and polish level (default 1200): where a level has more pixels, one per block of the grid, the most textured (0 = every pixel).")] = None,
-    polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).")] = False,
+    loss: Annotated[str, typer.Option("--loss", help="cosine | robust", rich_help_panel="Expert refinement settings")] = "cosine",
+    signal: Annotated[str, typer.Option("--signal", help="features | rgb (photometric, iNeRF-style)", rich_help_panel="Expert refinement settings")] = "features",
+    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 20; 0 = none).", rich_help_panel="Expert refinement settings")] = None,
+    polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 2; the level before it uses twice that).", rich_help_panel="Expert refinement settings")] = None,
+    search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the feature phase: one render widened by this fraction of the view on every side, the camera turned to the best-matching window (default 0.3; 0 = none).", rich_help_panel="Expert refinement settings")] = None,
+    second_opinion: Annotated[bool, typer.Option("--second-opinion", help="A query the rotation search turned also runs the feature phase from its initial pose and keeps the run with the lower loss (costs a phase for each such query; default off).", rich_help_panel="Expert refinement settings")] = False,
+    match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 0 = none).", rich_help_panel="Expert refinement settings")] = None,
+    restarts: Annotated[Optional[int], typer.Option("--restarts", min=0, help="Extra feature-phase runs from the initial pose (no coarse iterations, step sizes halved per restart); each query keeps its lowest-loss run (default 0).", rich_help_panel="Expert refinement settings")] = None,
+    polish_levels: Annotated[Optional[int], typer.Option("--polish-levels", min=1, help="Polish pyramid levels, each at twice the stride of the next, down to --polish-stride (default 3: strides 8, 4, 2).", rich_help_panel="Expert refinement settings")] = None,
+    polish_rays: Annotated[Optional[int], typer.Option("--polish-rays", min=0, help="Rays fitted per query and polish level (default 1200): where a level has more pixels, one per block of the grid, the most textured (0 = every pixel).", rich_help_panel="Expert refinement settings")] = None,
+    polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).", rich_help_panel="Expert refinement settings")] = False,
     device: DeviceOpt = "auto",
     distributed: Annotated[bool, typer.Option("--distributed", help="Shard the queries over torchrun's ranks (automatic when torchrun starts several); rank 0 writes the outputs.")] = False,
     format: FormatOpt = None,
@@ -108,9 +111,16 @@ def refine_command(
         init_poses = read_poses(init)
     else:  # APR target without an init file: every image of the split; the APR gives the start
         init_poses = {scene.names[i]: np.eye(4) for i in scene.split(split)}
-    cfg = RefineConfig(target=target, loss=loss, signal=signal)
+    if method is not None and method not in ("lm", "adam"):
+        raise FastnefesError(f"--method {method!r}: expected lm or adam")
+    cfg = RefineConfig.preset(preset, target=target, loss=loss, signal=signal)
+    if method is not None:
+        cfg.method = method
     if iters is not None:
         cfg.iters = iters
+        cfg.coarse_iters = min(cfg.coarse_iters, iters)
+    if band_samples is not None:
+        cfg.band_samples = band_samples
     if polish_iters is not None:
         cfg.polish_iters = polish_iters
     if polish_stride is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from fastnefes.errors import FastnefesError
+
 
 @dataclass
 class RefineConfig:
@@ -11,7 +13,11 @@ class RefineConfig:
     they mean the same thing in every scene whatever its units."""
 
     target: str = "pose"  # "pose": an SE(3) increment per query; "apr": a per-query copy of the APR's weights
-    iters: int = 150  # feature-phase iterations (NeFeS uses 50; more widen the basin, see the benchmark)
+    # The feature phase's optimiser: "lm" (Levenberg-Marquardt on the feature residual, exact
+    # Jacobians by forward tangents: fastnefes.refine.feature_gauss_newton) or "adam" (NeFeS:
+    # Adam on the loss's gradient, with the step sizes below).
+    method: str = "adam"
+    iters: int = 150  # feature-phase renders at most, coarse ones included (NeFeS: 50 Adam iterations)
     loss: str = "cosine"  # "cosine" (1 - mean cosine, NeFeS) or "robust" (Cauchy on unit features)
     signal: str = "features"  # "features" (fused feature field) or "rgb" (photometric, iNeRF-style)
     lr_rot: float = 0.01  # radians per Adam step, pose target (NeFeS: about 0.01)
@@ -20,6 +26,20 @@ class RefineConfig:
     lr_final_fraction: float = 0.05  # cosine decay of the step sizes to this fraction at the last iteration
     coarse_iters: int = 40  # first iterations at `coarse_factor` times coarser feature maps
     coarse_factor: int = 2
+    # Compare the Feature Fusion module's output (NeFeS; needs every pixel of the map) or, False,
+    # the composited features (per ray: then feature_rays can pick a subset).
+    fused: bool = True
+    # Unfused features only: rays per query, the most informative pixel (largest query-feature
+    # gradient) of each block of the map; 0 = every pixel.
+    feature_rays: int = 0
+    # Surface-guided sampling (fastnefes.refine.surface) in the feature phase and the polish: a
+    # phase's first render marches every ray, later renders take this many samples per ray in a
+    # band around the surface it found, marching again where the camera moved more than
+    # remarch_fraction of the band's half width. 0 = a full march at every render.
+    band_samples: int = 0
+    remarch_fraction: float = 0.5
+    lm_feature_max_rot_deg: float = 5.0  # trust region of a feature-phase LM step: turn at most ...
+    lm_feature_max_trans: float = 0.05  # ... and move at most (unit cube)
     stride: int = 0  # render stride in image pixels; 0 = the encoder's stride (NeFeS: 1/8 of the image)
     tol_rot_deg: float = 0.005  # early stop when a step moves less than this ...
     tol_trans: float = 2e-5  # ... and less than this (unit cube) ...
@@ -74,6 +94,9 @@ class RefineConfig:
     polish_rays: int = 1200
     polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
+    # Levenberg-Marquardt also stops a query when a kept step lowered its loss by less than this
+    # fraction (0: only the step-size tolerance and the damping's limit stop it).
+    lm_ftol: float = 0.0
     lm_max_rot_deg: float = 1.0  # trust region: a polish step turns at most this much ...
     lm_max_trans: float = 0.01  # ... and moves at most this far (unit cube)
 
@@ -84,3 +107,23 @@ class RefineConfig:
     def from_dict(cls, d: dict) -> "RefineConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RefineConfig":
+        """A named preset (PRESETS) with some fields overridden."""
+        if name not in PRESETS:
+            raise FastnefesError(f"refine preset {name!r}: expected one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Named settings (`fastnefes refine --preset`). "thorough" is the defaults: 150 Adam iterations
+# on the feature loss (40 of them at half resolution) and a full march of every ray at every
+# render. "fast" (opt-in) is Levenberg-Marquardt on the feature residual, 30 renders (10 coarse),
+# surface-band sampling. It is not the default: on the room benchmark on one CPU thread
+# (benchmarks/results/refine_presets_room_cpu.json) its forward-tangent renders cost 226 ms per
+# iteration against 31 ms, 29 s per query against 10 s, and on the tiny test field its large
+# steps leave the truth's basin (tests/test_refine.py fails with it as the defaults).
+PRESETS: dict[str, dict] = {
+    "fast": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
+    "thorough": {},
+}

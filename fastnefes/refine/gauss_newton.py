@@ -16,8 +16,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from fastnefes.geometry import generate_rays, pixel_grid, se3_exp
+from fastnefes.geometry import generate_rays, pixel_grid, se3_exp, se3_log
+from fastnefes.timing import section
 
 
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601 weights: one backward pass instead of three
@@ -56,7 +58,7 @@ def photometric_jacobian(model, K: torch.Tensor, init: torch.Tensor, delta: torc
     return rgb.detach(), torch.stack(rows, 2)
 
 
-def textured_pixels(target: torch.Tensor, stride: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def textured_pixels(target: torch.Tensor, stride: int, count: int, luma: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """At most `count` pixels of a stride grid per query, spread over the image, each the most
     textured of its block.
 
@@ -70,19 +72,22 @@ def textured_pixels(target: torch.Tensor, stride: int, count: int) -> tuple[torc
     accuracy on the room benchmark).
 
     Args:
-        target: [B, 3, h, w] query colours at the grid (area-downsampled by stride).
+        target: [B, 3, h, w] query colours at the grid (area-downsampled by stride), or any
+            [B, C, h, w] map (e.g. features) with luma False: the score is then the gradient
+            summed over the channels.
         stride: image pixels per grid pixel; count: the most pixels per query (>= 1).
     Returns:
-        pixels [B, N, 2] image coordinates (pixel_grid's centres) and their colours [B, N, 3],
+        pixels [B, N, 2] image coordinates (pixel_grid's centres) and their values [B, N, C],
         N = ceil(h / k) * ceil(w / k) <= count, in raster order (k = 1: every pixel).
     """
     B, _, h, w = target.shape
     k = 1
     while math.ceil(h / k) * math.ceil(w / k) > max(count, 1):
         k += 1
-    luma = torch.einsum("bchw,c->bhw", target, torch.tensor(LUMA, device=target.device))
-    padded = F.pad(luma[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
-    score = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]).abs() + (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]).abs()
+    signal = torch.einsum("bchw,c->bhw", target, torch.tensor(LUMA, device=target.device))[:, None] if luma else target
+    padded = F.pad(signal, (1, 1, 1, 1), mode="replicate")
+    score = ((padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]).abs()
+             + (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]).abs()).sum(1)
     hb, wb = math.ceil(h / k), math.ceil(w / k)
     score = F.pad(score, (0, wb * k - w, 0, hb * k - h), value=-1.0)  # pads never win a block
     blocks = score.view(B, hb, k, wb, k).permute(0, 1, 3, 2, 4).reshape(B, hb, wb, k * k)
@@ -92,42 +97,40 @@ def textured_pixels(target: torch.Tensor, stride: int, count: int) -> tuple[torc
     cols = torch.arange(wb, device=dev)[None, :] * k + best % k
     index = (rows * w + cols).flatten(1).sort(dim=1).values  # [B, N]
     grid = pixel_grid(h * stride, w * stride, stride, device=dev).reshape(-1, 2)
-    colours = target.flatten(2).transpose(1, 2)  # [B, h*w, 3]
-    return grid[index], colours.gather(1, index[..., None].expand(*index.shape, 3))
+    values = target.flatten(2).transpose(1, 2)  # [B, h*w, C]
+    return grid[index], values.gather(1, index[..., None].expand(*index.shape, values.shape[-1]))
 
 
-def levenberg_marquardt_phase(model, K: torch.Tensor, init: torch.Tensor, target: torch.Tensor, height: int,
-                              width: int, stride: int, iters: int, delta: torch.Tensor, failed: torch.Tensor,
-                              counts: torch.Tensor, tol: torch.Tensor, max_step: torch.Tensor, damping: float = 1e-2,
-                              luma: bool = False, progress: Optional[Callable[[int], None]] = None,
-                              max_rays: int = 0) -> torch.Tensor:
-    """Minimise the mean squared RGB error over delta [B, 6] in place, per query.
+def normal_equations(residual: Tensor, J: Tensor, weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """J^T W J [B, 6, 6] and J^T W r [B, 6] of residuals [B, N, C] with Jacobians [B, N, C, 6]
+    (optional per-residual weights [B, N])."""
+    Jw = J if weights is None else J * weights[..., None, None]
+    return torch.einsum("bnci,bncj->bij", Jw, J), torch.einsum("bnci,bnc->bi", Jw, residual)
 
-    target: [B, 3, height // stride, width // stride] query colours (area-downsampled).
-    luma: fit the luma of the colours only (one backward pass per iteration instead of three).
-    max_rays: > 0 fits at most this many of the grid's pixels per query, the most textured of
-    each block of the grid (textured_pixels); 0 fits them all.
-    A step is kept only when it lowers the query's loss (then the damping shrinks); a rejected
-    step grows the damping and is retried from the last kept pose, so delta only ever improves.
-    Marks failed [B] on a non-finite loss, counts renders in counts [B], and returns the [B]
-    bool of queries whose last kept step was within tol [6]. Steps are scaled down to fit
-    max_step [6] (a trust region: in textureless views J^T J is nearly singular along some
-    direction and an undamped step would leap to another, unrelated minimum).
+
+def levenberg_marquardt(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]], poses: Tensor,
+                        failed: Tensor, counts: Tensor, iters: int, tol: Tensor, max_step: Tensor,
+                        damping: float = 1e-2, progress: Optional[Callable[[int], None]] = None,
+                        ftol: float = 0.0) -> Tensor:
+    """Levenberg-Marquardt on poses [B, 4, 4] in place, each query on its own.
+
+    evaluate(rows [r] long, candidates [r, 4, 4]) -> (loss [r], J^T J [r, 6, 6], J^T r [r, 6]),
+    the Jacobian taken with respect to a local increment: a pose P moves to P @ se3_exp(step).
+    A candidate is kept only when it lowers the query's loss (then the damping shrinks); a
+    rejected one grows the damping and the next is solved from the last kept pose, so a pose only
+    ever improves. Steps are scaled down to fit max_step [6] (a trust region: in textureless
+    views J^T J is nearly singular along some direction and an undamped step would leap to
+    another, unrelated minimum). Marks failed [B] on a non-finite loss or Jacobian, counts
+    evaluations in counts [B], and returns the [B] bool of queries that stopped early: their last
+    kept step was within tol [6] or lowered the loss by less than ftol times its value, or no step
+    lowers the loss any more.
     """
-    B, dev = delta.shape[0], delta.device
-    if 0 < max_rays < target.shape[-2] * target.shape[-1]:
-        pixels, colours = textured_pixels(target, stride, max_rays)  # [B, N, 2], [B, N, 3]
-    else:
-        pixels = pixel_grid(height, width, stride, device=dev).reshape(-1, 2)
-        colours = target.permute(0, 2, 3, 1).reshape(B, -1, 3)
-    mix = torch.tensor([LUMA], device=dev) if luma else None
-    if mix is not None:
-        colours = colours @ mix.t()
+    B, dev = poses.shape[0], poses.device
     best = torch.full((B,), math.inf, device=dev)
     lam = torch.full((B,), damping, device=dev)
     JtJ = torch.zeros(B, 6, 6, device=dev)
     Jtr = torch.zeros(B, 6, device=dev)
-    candidate = delta.clone()
+    candidate = poses.clone()
     active = ~failed.clone()
     converged = torch.zeros(B, dtype=torch.bool)
     last_step = torch.full((B, 6), math.inf, device=dev)
@@ -136,27 +139,25 @@ def levenberg_marquardt_phase(model, K: torch.Tensor, init: torch.Tensor, target
         if rows.numel() == 0:
             break
         rows_d = rows.to(dev)
-        rgb, J = photometric_jacobian(model, K[rows_d], init[rows_d], candidate[rows_d],
-                                      pixels if pixels.dim() == 2 else pixels[rows_d], mix=mix)
-        residual = rgb - colours[rows_d]
-        loss = residual.pow(2).mean((1, 2))
+        loss, A, g = evaluate(rows_d, candidate[rows_d])
         counts[rows] += 1
-        bad = ~torch.isfinite(loss) | ~torch.isfinite(J).flatten(1).all(1)
-        if bool(bad.any()):
-            failed[rows[bad.cpu()]] = True
-            active[rows[bad.cpu()]] = False
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(g).all(1)
+        bad_cpu = bad.cpu()
+        if bool(bad_cpu.any()):
+            failed[rows[bad_cpu]] = True
+            active[rows[bad_cpu]] = False
         better = (loss < best[rows_d]) & ~bad
-        if bool(better.any()):
+        better_cpu = better.cpu()
+        if bool(better_cpu.any()):
             keep = rows_d[better]
-            delta[keep] = candidate[keep]
+            gain = best[keep] - loss[better]  # inf at the first evaluation
+            poses[keep] = candidate[keep]
             best[keep] = loss[better]
-            Jb, rb = J[better], residual[better]
-            JtJ[keep] = torch.einsum("bnci,bncj->bij", Jb, Jb)
-            Jtr[keep] = torch.einsum("bnci,bnc->bi", Jb, rb)
+            JtJ[keep], Jtr[keep] = A[better], g[better]
             lam[keep] = (lam[keep] / 3).clamp_min(1e-7)
-            done = (last_step[keep].abs() <= tol).all(1).cpu()
-            converged[rows[better.cpu()][done]] = True
-            active[rows[better.cpu()][done]] = False
+            done = ((last_step[keep].abs() <= tol).all(1) | (gain <= ftol * loss[better])).cpu()
+            converged[rows[better_cpu][done]] = True
+            active[rows[better_cpu][done]] = False
         worse = rows_d[~better & ~bad]
         lam[worse] = lam[worse] * 4
         gave_up = (lam[rows_d] > 1e6).cpu()  # no step lowers the loss any more: a minimum
@@ -166,13 +167,79 @@ def levenberg_marquardt_phase(model, K: torch.Tensor, init: torch.Tensor, target
         # live in different units).
         rows_d = active.nonzero()[:, 0].to(dev)
         if rows_d.numel():
-            A, g = JtJ[rows_d], Jtr[rows_d]
-            diag = torch.diagonal(A, dim1=1, dim2=2).clamp_min(1e-12)
-            A = A + torch.diag_embed(lam[rows_d, None] * diag)
-            step = -torch.linalg.solve(A.double(), g.double()[..., None])[..., 0].float()
-            step = step / (step.abs() / max_step).amax(1, keepdim=True).clamp_min(1.0)
-            last_step[rows_d] = step
-            candidate[rows_d] = delta[rows_d] + step
+            with section("optimizer_step"):
+                A, g = JtJ[rows_d], Jtr[rows_d]
+                diag = torch.diagonal(A, dim1=1, dim2=2).clamp_min(1e-12)
+                A = A + torch.diag_embed(lam[rows_d, None] * diag)
+                step = -torch.linalg.solve(A.double(), g.double()[..., None])[..., 0].float()
+                step = step / (step.abs() / max_step).amax(1, keepdim=True).clamp_min(1.0)
+                last_step[rows_d] = step
+                candidate[rows_d] = poses[rows_d] @ se3_exp(step)
         if progress:
             progress(int((~active).sum()))
+    return converged
+
+
+def levenberg_marquardt_phase(model, K: Tensor, init: Tensor, target: Tensor, height: int, width: int, stride: int,
+                              iters: int, delta: Tensor, failed: Tensor, counts: Tensor, tol: Tensor, max_step: Tensor,
+                              damping: float = 1e-2, luma: bool = False, progress: Optional[Callable[[int], None]] = None,
+                              max_rays: int = 0, band_samples: int = 0, remarch_fraction: float = 0.5,
+                              ftol: float = 0.0) -> Tensor:
+    """Minimise the mean squared RGB error over delta [B, 6] (increments on init [B, 4, 4]) in
+    place, per query, by `levenberg_marquardt`.
+
+    target: [B, 3, height // stride, width // stride] query colours (area-downsampled).
+    luma: fit the luma of the colours only (with reverse-mode Jacobians, one backward pass per
+    iteration instead of three).
+    max_rays: > 0 fits at most this many of the grid's pixels per query, the most textured of
+    each block of the grid (textured_pixels); 0 fits them all.
+    band_samples: > 0 renders that many samples per ray in a surface band (fastnefes.refine.surface)
+    with forward-mode Jacobians (fastnefes.refine.pose_jacobian), marched again where the camera
+    moved more than remarch_fraction of the band's half width; 0 marches every ray at every
+    iteration, Jacobians by reverse mode (photometric_jacobian).
+    Marks failed [B], counts renders in counts [B], and returns the [B] bool of queries that
+    stopped early.
+    """
+    from fastnefes.refine.pose_jacobian import render_with_jacobian
+    from fastnefes.refine.surface import RaySampler
+
+    B, dev = delta.shape[0], delta.device
+    if 0 < max_rays < target.shape[-2] * target.shape[-1]:
+        pixels, colours = textured_pixels(target, stride, max_rays)  # [B, N, 2], [B, N, 3]
+    else:
+        pixels = pixel_grid(height, width, stride, device=dev).reshape(-1, 2)
+        colours = target.permute(0, 2, 3, 1).reshape(B, -1, 3)
+    mix = torch.tensor([LUMA], device=dev) if luma else None
+    if mix is not None:
+        colours = colours @ mix.t()
+    sampler = RaySampler(model, K, pixels, band_samples, remarch_fraction) if band_samples > 0 else None
+
+    def evaluate(rows: Tensor, poses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pix = pixels if pixels.dim() == 2 else pixels[rows]
+        if sampler is None:
+            rgb, J = photometric_jacobian(model, K[rows], poses, torch.zeros(len(rows), 6, device=dev), pix, mix=mix)
+        else:
+            out = render_with_jacobian(model, sampler, rows, poses, with_features=False)
+            rgb, J = out.rgb, out.d_rgb
+            if mix is not None:
+                rgb, J = rgb @ mix.t(), torch.einsum("bnci,mc->bnmi", J, mix)
+        with section("loss"):
+            residual = rgb - colours[rows]
+            return (residual.pow(2).mean((1, 2)), *normal_equations(residual, J))
+
+    return levenberg_marquardt_increments(evaluate, init, delta, failed, counts, iters, tol, max_step, damping,
+                                          progress, ftol)
+
+
+def levenberg_marquardt_increments(evaluate, init: Tensor, delta: Tensor, failed: Tensor, counts: Tensor, iters: int,
+                                   tol: Tensor, max_step: Tensor, damping: float = 1e-2,
+                                   progress: Optional[Callable[[int], None]] = None, ftol: float = 0.0) -> Tensor:
+    """`levenberg_marquardt` on the poses init @ se3_exp(delta) ([B, 4, 4], [B, 6]); delta is
+    updated in place (only where the pose moved) and the [B] early-stop flags returned."""
+    poses = init @ se3_exp(delta)
+    start = poses.clone()
+    converged = levenberg_marquardt(evaluate, poses, failed, counts, iters, tol, max_step, damping, progress, ftol)
+    moved = (poses != start).flatten(1).any(1)
+    if bool(moved.any()):
+        delta[moved] = se3_log(torch.linalg.inv(init[moved]) @ poses[moved])
     return converged

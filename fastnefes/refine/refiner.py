@@ -1,11 +1,14 @@
 """Test-time pose refinement against a trained feature field (NeFeS, pose and APR targets).
 
-The pipeline per query, as in the paper: encode the query image once with the run's 2D encoder
-G, then for each iteration render the field's fused features at the current pose at the same
-resolution (only those rays), compute the feature-metric loss, and take an Adam step on the
-pose increment (target "pose") or on a per-query copy of the APR's weights (target "apr").
-A verification step keeps the initial pose when the feature phase did not lower the feature loss
-(the RGB polish after it is guarded by its own loss).
+Per batch of queries: encode each query image once with the run's 2D encoder G; optionally turn
+each camera to the best window of one widened render (rotation search); then the feature phase
+aligns the field's rendered (fused) features with the query's, by Adam (NeFeS, the default) or
+by Levenberg-Marquardt on the feature residual (preset "fast", fastnefes.refine.feature_gauss_newton), on an
+se(3) increment per query (target "pose") or on a per-query copy of the APR's weights (target
+"apr"); a photometric polish (Levenberg-Marquardt on RGB, coarse to fine) pins the pose down.
+Renders after a phase's first may sample a thin band around the surface that render found
+(fastnefes.refine.surface). A verification step keeps the initial pose when the feature phase did
+not lower the feature loss (the polish is guarded by its own loss).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -21,24 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from fastnefes.geometry import se3_exp, se3_log
+from fastnefes.refine import phases as phases_module
 from fastnefes.refine.apr_target import polish_apr_results, refine_apr_weights
 from fastnefes.refine.config import RefineConfig
 from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
-from fastnefes.refine.optim import BatchedAdam, lr_scale
+from fastnefes.refine.phases import Phase
+from fastnefes.refine.pose_jacobian import render_with_jacobian
 from fastnefes.refine.result import QueryDiagnostics, RefineResult
+from fastnefes.refine.surface import RaySampler
 from fastnefes.timing import section
-
-@dataclass(frozen=True)
-class Phase:
-    """One optimisation phase of the pose target: which signal, at which render stride."""
-
-    signal: str  # "features" or "rgb"
-    stride: int  # image pixels per rendered pixel
-    iters: int
-    coarse_iters: int  # the first iterations at coarse_factor times coarser maps
-    lr_fraction: float  # step sizes relative to lr_rot / lr_trans
-    method: str = "adam"  # "adam" (any signal) or "lm" (Levenberg-Marquardt, rgb only)
 
 
 @contextmanager
@@ -78,7 +73,7 @@ class Refiner:
 
     def phases(self) -> list[Phase]:
         cfg = self.config
-        out = [Phase(cfg.signal, self.stride(), cfg.iters, cfg.coarse_iters, 1.0)]
+        out = [Phase(cfg.signal, self.stride(), cfg.iters, cfg.coarse_iters, 1.0, cfg.method)]
         if cfg.polish_iters > 0:
             for level in reversed(range(max(1, cfg.polish_levels))):
                 out.append(Phase("rgb", cfg.polish_stride * 2**level, cfg.polish_iters, 0, cfg.polish_lr_fraction,
@@ -103,14 +98,23 @@ class Refiner:
 
     # -- render side ------------------------------------------------------------------------
     def render_signal(self, K: torch.Tensor, c2w: torch.Tensor, height: int, width: int, stride: int,
-                      signal: Optional[str] = None) -> torch.Tensor:
-        """Rendered features (or RGB) [B, C, height/stride, width/stride] at poses c2w [B, 4, 4]."""
+                      signal: Optional[str] = None, sampler: Optional[RaySampler] = None,
+                      rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rendered features (or RGB) [B, C, height/stride, width/stride] at poses c2w [B, 4, 4],
+        by a full march, or at a RaySampler's samples of the queries `rows` (its pixels: the grid)."""
         from fastnefes.render import render_image
 
         rgb_only = (signal or self.config.signal) == "rgb"
-        out = render_image(self.model, K, c2w, height, width, stride=stride, fused=not rgb_only)
-        key = "rgb" if rgb_only else "fused"
-        return out[key].permute(0, 3, 1, 2)
+        if sampler is None:
+            out = render_image(self.model, K, c2w, height, width, stride=stride, fused=not rgb_only)
+            return out["rgb" if rgb_only else "fused"].permute(0, 3, 1, 2)
+        out = render_with_jacobian(self.model, sampler, rows, c2w, with_features=not rgb_only, jacobian=False)
+        h, w = height // stride, width // stride
+        rgb = out.rgb.transpose(1, 2).reshape(-1, 3, h, w)
+        if rgb_only:
+            return rgb
+        with section("field_forward"):
+            return self.model.fusion(rgb, out.features.transpose(1, 2).reshape(rgb.shape[0], -1, h, w))
 
     def loss(self, rendered: torch.Tensor, target: torch.Tensor, signal: Optional[str] = None) -> torch.Tensor:
         """[B] losses between rendered and query maps [B, C, h, w]."""
@@ -119,10 +123,11 @@ class Refiner:
                 return photometric_loss(rendered, target)
             return feature_metric_loss(rendered, target, self.config.loss)
 
-    def _loss_at(self, K, c2w, target, height, width, stride, factor: int = 1, signal: Optional[str] = None) -> torch.Tensor:
+    def _loss_at(self, K, c2w, target, height, width, stride, factor: int = 1, signal: Optional[str] = None,
+                 sampler: Optional[RaySampler] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         if factor > 1:
             target = F.avg_pool2d(target, factor)
-        rendered = self.render_signal(K, c2w, height, width, stride * factor, signal)
+        rendered = self.render_signal(K, c2w, height, width, stride * factor, signal, sampler, rows)
         return self.loss(rendered, target[..., : rendered.shape[-2], : rendered.shape[-1]], signal)
 
     # -- public API -------------------------------------------------------------------------
@@ -264,7 +269,9 @@ class Refiner:
                 if phase.method == "lm":
                     converged = levenberg_marquardt_phase(self.model, K, base, target, H, W, phase.stride, phase.iters,
                                                           delta, failed, iters, self._tolerance(), self._max_step(),
-                                                          cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays)
+                                                          cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays,
+                                                          band_samples=cfg.band_samples,
+                                                          remarch_fraction=cfg.remarch_fraction, ftol=cfg.lm_ftol)
                     continue
                 with self._undone_unless_lower(K, base, delta, failed, target, H, W, phase.stride, phase.signal):
                     converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
@@ -347,60 +354,12 @@ class Refiner:
             best[better], best_loss[better] = candidate[better], loss[better]
         return best
 
-    def _per_axis(self, rot_rad: float, trans_unit: float) -> torch.Tensor:
-        """[6] per-coordinate sizes of an se(3) increment: rotation in radians, translation
-        given in the unit cube and returned in dataset units (world = unit / scale)."""
-        trans = trans_unit / float(self.model.normalization.scale)
-        return torch.tensor([rot_rad] * 3 + [trans] * 3, device=self.device)
-
     def _tolerance(self) -> torch.Tensor:
-        """[6] early-stop step sizes."""
-        return self._per_axis(math.radians(self.config.tol_rot_deg), self.config.tol_trans)
+        return phases_module.tolerance(self)
 
-    def _max_step(self) -> torch.Tensor:
-        """[6] trust region of a Levenberg-Marquardt step."""
-        return self._per_axis(math.radians(self.config.lm_max_rot_deg), self.config.lm_max_trans)
+    def _max_step(self, signal: str = "rgb") -> torch.Tensor:
+        return phases_module.max_step(self, signal)
 
     def _run_phase(self, phase: Phase, K, init, target, H, W, delta, failed, iters, progress) -> torch.Tensor:
-        """Adam on delta [B, 6] in place for one phase; queries stop early one by one.
-
-        Marks failed [B] (non-finite loss or gradient: the query stops, its delta frozen) and
-        counts iters [B]; returns the [B] bool of queries that met the early-stop tolerance.
-        """
-        cfg, dev = self.config, self.device
-        B = delta.shape[0]
-        lrs = self._per_axis(cfg.lr_rot, cfg.lr_trans) * phase.lr_fraction
-        tol = self._tolerance()
-        adam = BatchedAdam(B, lrs)
-        quiet = torch.zeros(B, dtype=torch.long, device=dev)
-        active = ~failed.clone()
-        converged = torch.zeros(B, dtype=torch.bool)
-        for it in range(phase.iters):
-            rows = active.nonzero()[:, 0]
-            if rows.numel() == 0:
-                break
-            rows_d = rows.to(dev)
-            factor = cfg.coarse_factor if it < phase.coarse_iters else 1
-            d = delta[rows_d].clone().requires_grad_(True)
-            c2w = init[rows_d] @ se3_exp(d)
-            loss = self._loss_at(K[rows_d], c2w, target[rows_d], H, W, phase.stride, factor, phase.signal)
-            with section("backward"):
-                grad, = torch.autograd.grad(loss.sum(), d)
-            with section("optimizer_step"):
-                finite = torch.isfinite(grad).all(1) & torch.isfinite(loss.detach())
-                grad = torch.where(finite[:, None], grad, torch.zeros_like(grad))
-                update = adam.step(delta, grad, rows_d, lr_scale(phase.iters, it, cfg.lr_final_fraction))
-            iters[rows] += 1
-            if not bool(finite.all()):
-                bad = rows[~finite.cpu()]
-                failed[bad] = True
-                active[bad] = False
-            if factor == 1 and (it + 1) % cfg.check_every == 0:
-                small = (update.abs() <= tol).all(1)
-                quiet[rows_d] = torch.where(small, quiet[rows_d] + 1, torch.zeros_like(quiet[rows_d]))
-                done = (quiet[rows_d] >= cfg.patience).cpu() & active[rows]
-                converged[rows[done]] = True
-                active[rows[done]] = False
-            if progress:
-                progress(int((~active).sum()))
-        return converged
+        """One phase on delta [B, 6] in place (fastnefes.refine.phases.run_phase); returns converged [B]."""
+        return phases_module.run_phase(self, phase, K, init, target, H, W, delta, failed, iters, progress)
