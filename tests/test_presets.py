@@ -41,3 +41,27 @@ def test_train_cli_rejects_bad_config_files(monkeypatch, capsys, tmp_path):
     code, _, err = run_main(monkeypatch, capsys, "train", str(tiny_dataset), "--out", str(tmp_path / "run"), "--preset", "huge")
     assert code == 2 and "quick, default, long" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_refine_presets_and_config_files(monkeypatch, capsys, tmp_path):
+    from fastnefes.refine.config import PRESETS, RefineConfig, checked_config
+
+    assert RefineConfig.preset("default").to_dict() == RefineConfig().to_dict()
+    fast = RefineConfig.preset("fast")
+    assert fast.iters < RefineConfig().iters and fast.polish_iters < RefineConfig().polish_iters
+    assert RefineConfig.preset("lm").method == "lm" and set(PRESETS) == {"default", "fast", "lm"}
+    cfg = checked_config({"iters": 7, "loss": "robust"}, "f.json", base=RefineConfig.preset("fast"))
+    assert cfg.iters == 7 and cfg.loss == "robust" and cfg.polish_iters == fast.polish_iters
+    for bad, needle in (({"iterz": 1}, "iterz"), ({"iters": 1.5}, "iters"), ({"loss": "l3"}, "loss"),
+                        ({"polish_levels": 0}, "polish_levels"), ([1], "JSON object")):
+        with pytest.raises(FastnefesError, match=needle):
+            checked_config(bad, "f.json")
+    # the CLI: a bad file or preset is one line, exit 2, before any data or run is read
+    bad = tmp_path / "refine.json"
+    bad.write_text(json.dumps({"iters": "many"}))
+    code, _, err = run_main(monkeypatch, capsys, "refine", str(tmp_path), "--data", str(tmp_path), "--init", str(bad),
+                            "--out", str(tmp_path / "r.txt"), "--config", str(bad))
+    assert code == 2 and str(bad) in err and "iters" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_main(monkeypatch, capsys, "refine", str(tmp_path), "--data", str(tmp_path), "--init", str(bad),
+                            "--out", str(tmp_path / "r.txt"), "--preset", "turbo")
+    assert code == 2 and "default, fast, lm" in err

@@ -44,6 +44,15 @@ def before_after_table(scene, split: str, result) -> Optional[Table]:
     return evaluation_table("refinement", {"before": before, "after": after}), before, after
 
 
+def refine_config_file(path: Optional[Path]) -> dict:
+    """RefineConfig fields from a JSON file, {} without one (checked where they are applied)."""
+    if path is None:
+        return {}
+    from fastnefes.io import read_json
+
+    return read_json(path)
+
+
 @app.command("refine")
 def refine_command(
     run: Annotated[Path, typer.Argument(help="Trained run directory (fastnefes train).")],
@@ -53,13 +62,14 @@ def refine_command(
     split: SplitOpt = "test",
     target: Annotated[str, typer.Option("--target", help="pose: optimise an SE(3) increment; apr: a per-query copy of the APR's weights.")] = "pose",
     apr: Annotated[Optional[Path], typer.Option("--apr", help="APR directory (fastnefes apr train), for --target apr.")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="thorough (the defaults: 150 Adam iterations, a full march at every render) or fast (opt-in: Levenberg-Marquardt on the features, surface-guided sampling); the options below override it.")] = "thorough",
+    preset: Annotated[str, typer.Option("--preset", help="default (150 Adam iterations on the features, 3-level RGB polish), fast (50 iterations, 2-level polish of 10) or lm (Levenberg-Marquardt on the features, surface-band sampling); see docs/refinement.md.")] = "default",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON object of RefineConfig fields over the preset; the options below win over it.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Feature-phase optimiser: lm (Levenberg-Marquardt) or adam (NeFeS).", rich_help_panel="Expert refinement settings")] = None,
-    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase renders per query at most, coarse ones included (fast: 30, thorough: 150).", rich_help_panel="Expert refinement settings")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase renders per query at most, coarse ones included (default 150, fast 50, lm 30).", rich_help_panel="Expert refinement settings")] = None,
     band_samples: Annotated[Optional[int], typer.Option("--band-samples", min=0, help="Surface-guided sampling: samples per ray around the surface a phase's first render found (fast: 8; 0 = a full march at every render).", rich_help_panel="Expert refinement settings")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Queries refined together in one batched render.")] = 8,
-    loss: Annotated[str, typer.Option("--loss", help="cosine | robust", rich_help_panel="Expert refinement settings")] = "cosine",
-    signal: Annotated[str, typer.Option("--signal", help="features | rgb (photometric, iNeRF-style)", rich_help_panel="Expert refinement settings")] = "features",
+    loss: Annotated[Optional[str], typer.Option("--loss", help="cosine (default) | robust", rich_help_panel="Expert refinement settings")] = None,
+    signal: Annotated[Optional[str], typer.Option("--signal", help="features (default) | rgb (photometric, iNeRF-style)", rich_help_panel="Expert refinement settings")] = None,
     polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 20; 0 = none).", rich_help_panel="Expert refinement settings")] = None,
     polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 2; the level before it uses twice that).", rich_help_panel="Expert refinement settings")] = None,
     search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the feature phase: one render widened by this fraction of the view on every side, the camera turned to the best-matching window (default 0.3; 0 = none).", rich_help_panel="Expert refinement settings")] = None,
@@ -86,15 +96,19 @@ def refine_command(
 
     if target not in ("pose", "apr"):
         raise FastnefesError(f"--target {target!r}: expected pose or apr")
-    if loss not in ("cosine", "robust"):
+    if loss not in (None, "cosine", "robust"):
         raise FastnefesError(f"--loss {loss!r}: expected cosine or robust")
-    if signal not in ("features", "rgb"):
+    if signal not in (None, "features", "rgb"):
         raise FastnefesError(f"--signal {signal!r}: expected features or rgb")
     if target == "pose" and init is None:
         raise FastnefesError("--target pose needs --init (a pose file of initial poses)")
     if target == "apr" and apr is None:
         raise FastnefesError("--target apr needs --apr (an APR directory from fastnefes apr train)")
 
+    from fastnefes.refine.config import checked_config
+
+    file_values = refine_config_file(config_file)
+    checked_config(file_values, str(config_file), base=RefineConfig.preset(preset))  # fails before any loading
     from fastnefes.refine.distributed import refine_split_sharded, start_shard
 
     shard = start_shard(distributed, device)  # None unless under torchrun: then one rank of a sharded run
@@ -113,9 +127,12 @@ def refine_command(
         init_poses = {scene.names[i]: np.eye(4) for i in scene.split(split)}
     if method is not None and method not in ("lm", "adam"):
         raise FastnefesError(f"--method {method!r}: expected lm or adam")
-    cfg = RefineConfig.preset(preset, target=target, loss=loss, signal=signal)
-    if method is not None:
-        cfg.method = method
+    cfg = checked_config(file_values, str(config_file), base=RefineConfig.preset(preset))
+    cfg.target = target
+    given = {"loss": loss, "signal": signal, "method": method}
+    for key, value in given.items():
+        if value is not None:
+            setattr(cfg, key, value)
     if iters is not None:
         cfg.iters = iters
         cfg.coarse_iters = min(cfg.coarse_iters, iters)
@@ -129,10 +146,10 @@ def refine_command(
         cfg.polish_levels = polish_levels
     if polish_rays is not None:
         cfg.polish_rays = polish_rays
-    cfg.polish_luma = polish_luma
+    cfg.polish_luma = polish_luma or cfg.polish_luma
     if search_pad is not None:
         cfg.search_pad = search_pad
-    cfg.search_second_opinion = second_opinion
+    cfg.search_second_opinion = second_opinion or cfg.search_second_opinion
     if match_rounds is not None:
         cfg.match_rounds = match_rounds
     if restarts is not None:

@@ -61,7 +61,7 @@ def train_field_command(
     space: Annotated[Optional[str], typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).", rich_help_panel=EXPERT)] = None,
 ) -> None:
     """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
-    from fastnefes.train import STAGES, TrainConfig, train
+    from fastnefes.train import STAGES, train
     from fastnefes.train.run import configure_distill
     from fastnefes.train.sampler import require_depth
     from fastnefes.train.trainer import resolve_device

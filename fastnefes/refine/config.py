@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from fastnefes.errors import FastnefesError
@@ -116,14 +117,51 @@ class RefineConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-# Named settings (`fastnefes refine --preset`). "thorough" is the defaults: 150 Adam iterations
-# on the feature loss (40 of them at half resolution) and a full march of every ray at every
-# render. "fast" (opt-in) is Levenberg-Marquardt on the feature residual, 30 renders (10 coarse),
-# surface-band sampling. It is not the default: on the room benchmark on one CPU thread
-# (benchmarks/results/refine_presets_room_cpu.json) its forward-tangent renders cost 226 ms per
-# iteration against 31 ms, 29 s per query against 10 s, and on the tiny test field its large
-# steps leave the truth's basin (tests/test_refine.py fails with it as the defaults).
+# Named settings (`fastnefes refine --preset`), RefineConfig fields over the defaults, compared
+# side by side by `fastnefes bench refine --presets default,fast,lm` (docs/refinement.md).
+# default: the defaults above. fast: a third of the feature iterations and a two-level polish of
+# 10 iterations. lm: Levenberg-Marquardt on the feature residual with surface-band sampling
+# (exact Jacobians by forward tangents: on a CPU each render costs several times an Adam one).
 PRESETS: dict[str, dict] = {
-    "fast": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
-    "thorough": {},
+    "default": {},
+    "fast": {"iters": 50, "coarse_iters": 15, "polish_iters": 10, "polish_levels": 2},
+    "lm": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
 }
+
+
+_CHOICES = {"target": ("pose", "apr"), "method": ("adam", "lm"), "loss": ("cosine", "robust"),
+            "signal": ("features", "rgb"), "polish_method": ("lm", "adam")}
+_AT_LEAST_ONE = {"coarse_factor", "patience", "check_every", "polish_levels", "polish_stride", "search_roll_steps",
+                 "search_candidates"}
+
+
+def checked_config(overrides: dict, where: str = "config", base: RefineConfig | None = None,
+                   pose_only: bool = False) -> RefineConfig:
+    """`base` (default RefineConfig()) with `overrides` (field -> value, e.g. from a JSON file)
+    applied and checked: known fields, the field's type, non-negative finite numbers, known
+    choices. Errors are one line naming `where` and the setting."""
+    if not isinstance(overrides, dict):
+        raise FastnefesError(f"{where}: expected a JSON object of RefineConfig settings, found {type(overrides).__name__}")
+    cfg = RefineConfig(**(base or RefineConfig()).to_dict())
+    known = [f.name for f in fields(RefineConfig)]
+    for key, value in overrides.items():
+        if key not in known:
+            raise FastnefesError(f"{where}: unknown setting {key!r} (RefineConfig fields: {', '.join(known)})")
+        default = getattr(cfg, key)
+        if isinstance(default, (bool, str)):
+            ok = type(value) is type(default)
+        elif isinstance(default, int):
+            ok = type(value) is int
+        else:
+            ok = type(value) in (int, float)
+        if not ok:
+            raise FastnefesError(f"{where}: {key}={value!r} should be {type(default).__name__} like its default {default!r}")
+        choices = ("pose",) if pose_only and key == "target" else _CHOICES.get(key)
+        if choices and value not in choices:
+            raise FastnefesError(f"{where}: {key}={value!r} is not one of {', '.join(choices)}")
+        low = 1 if key in _AT_LEAST_ONE else 0
+        if type(value) in (int, float) and not (math.isfinite(value) and value >= low):
+            raise FastnefesError(f"{where}: {key}={value!r} should be a finite number >= {low}")
+        setattr(cfg, key, value)
+    return cfg
+

@@ -19,9 +19,8 @@ zero velocity; the velocity resumes once two consecutive frames are accepted aga
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from fastnefes.errors import FastnefesError
 from fastnefes.geometry import orthonormalize, se3_exp, se3_log
-from fastnefes.refine.config import RefineConfig
+from fastnefes.refine.config import RefineConfig, checked_config
 from fastnefes.refine.exposure import apply_exposure_correction, exposure_to_field
 from fastnefes.refine.refiner import QueryDiagnostics, Refiner
 
@@ -51,36 +50,10 @@ EXPOSURE_STRIDE = 8  # render stride of the exposure matching (image pixels per 
 VELOCITY_WINDOW = 4  # frames the velocity is averaged over (1: the last two poses)
 
 ACCEPTED = ("converged", "max_iters")
-_CHOICES = {"target": ("pose",), "loss": ("cosine", "robust"), "signal": ("features", "rgb"), "polish_method": ("lm", "adam")}
-_AT_LEAST_ONE = {"coarse_factor", "patience", "check_every", "polish_levels", "polish_stride", "search_roll_steps",
-                 "search_candidates"}
-
-
 def refine_config(overrides: dict, where: str = "config") -> RefineConfig:
-    """RefineConfig with `overrides` (field -> value) applied and checked: known fields, the
-    field's type, non-negative finite numbers, known choices; tracking refines poses only."""
-    if not isinstance(overrides, dict):
-        raise FastnefesError(f"{where}: expected a JSON object of RefineConfig settings, found {type(overrides).__name__}")
-    cfg = RefineConfig()
-    known = [f.name for f in fields(RefineConfig)]
-    for key, value in overrides.items():
-        if key not in known:
-            raise FastnefesError(f"{where}: unknown setting {key!r} (RefineConfig fields: {', '.join(known)})")
-        default = getattr(cfg, key)
-        if isinstance(default, bool) or isinstance(default, str):
-            ok = type(value) is type(default)
-        elif isinstance(default, int):
-            ok = type(value) is int
-        else:
-            ok = type(value) in (int, float)
-        if not ok:
-            raise FastnefesError(f"{where}: {key}={value!r} should be {type(default).__name__} like its default {default!r}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise FastnefesError(f"{where}: {key}={value!r} is not one of {', '.join(_CHOICES[key])} (tracking refines poses)")
-        if type(value) in (int, float) and not (math.isfinite(value) and value >= (1 if key in _AT_LEAST_ONE else 0)):
-            raise FastnefesError(f"{where}: {key}={value!r} should be a finite number >= {1 if key in _AT_LEAST_ONE else 0}")
-        setattr(cfg, key, value)
-    return cfg
+    """RefineConfig with `overrides` applied and checked (config.checked_config); tracking
+    refines poses only."""
+    return checked_config(overrides, where, pose_only=True)
 
 
 @dataclass
