@@ -148,8 +148,16 @@ def render_command(
     """Render a split: RGB, depth and PCA-coloured feature PNGs, a contact sheet, PSNR / SSIM."""
     from fastnefes.train.run import render_split
 
-    result = render_split(run, load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses, run=run), split, out,
-                          device=device, limit=limit)
+    from fastnefes.cli.commands_refine import progress_bar
+
+    scene = load_scene_from_options(data, format, downscale, max_side, focal, sfm_poses, run=run)
+    with progress_bar() as bar:
+        task = bar.add_task(f"render {split}", total=None, info="")
+
+        def on_view(done: int, total: int, psnr: float) -> None:
+            bar.update(task, completed=done, total=total, info=f"last view {psnr:.2f} dB")
+
+        result = render_split(run, scene, split, out, device=device, limit=limit, progress=on_view)
     table = Table(title=f"render {split}")
     for col in ("images", "PSNR", "PSNR (ACT)", "SSIM"):
         table.add_column(col, justify="right")

@@ -43,6 +43,7 @@ TRACK_FRAME: dict = {
     "polish_stride": 4,
     "polish_rays": 300,
     "polish_iters": 5,
+    "verify_rays": 1200,  # the pixel check on a quarter of refine's pixels: it would cost more than the polish
 }
 # A segment's first frame: refine's defaults.
 TRACK_START: dict = {}

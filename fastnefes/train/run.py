@@ -266,7 +266,8 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
 
 # ---- rendering a split of a run ---------------------------------------------------------------
 def render_split(run: str | Path, scene: Scene, split: str, out_dir: str | Path, device: str = "auto",
-                 limit: Optional[int] = None, sheet_rows: int = 8) -> dict[str, Any]:
+                 limit: Optional[int] = None, sheet_rows: int = 8,
+                 progress: Optional[Callable[[int, int, float], None]] = None) -> dict[str, Any]:
     """Render a split through a run: per image <name>_rgb.png, _depth.png, _features.png (PCA
     colours shared by all images), contact_sheet.png (GT | render | depth | features rows),
     and render.json with per-image and mean PSNR (static colour; and with ACT) and SSIM."""
@@ -280,7 +281,11 @@ def render_split(run: str | Path, scene: Scene, split: str, out_dir: str | Path,
         raise FastnefesError(f"{scene.root}: split {split!r} has no images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    views = list(evaluate_views(model, scene, indices))
+    views = []
+    for view in evaluate_views(model, scene, indices):
+        views.append(view)
+        if progress:
+            progress(len(views), len(indices), view["psnr"])  # done, total, the last view's PSNR
     pca = FeaturePCA(torch.cat([v["features"].reshape(-1, v["features"].shape[-1]) for v in views[:8]]))
     per_image, rows = [], []
     for view in views:
