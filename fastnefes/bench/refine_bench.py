@@ -174,6 +174,11 @@ def bench_refine(models: dict[str, Any], scene: Scene, cfg: RefineBenchConfig, d
                              f"expected names among {', '.join(PRESETS)}")
     say = progress or (lambda _msg: None)
     rows = _rows(models, cfg)
+    from fastnefes.refine.verify import calibrate_pixel_check
+
+    for row in rows:  # as refine does: the pixel check's floor from the training views
+        if row.refiner.config.verify and row.refiner.config.verify_rays > 0:
+            calibrate_pixel_check(row.model, scene, row.refiner.config.verify_rays)
     indices, gt, init = _queries(scene, cfg)
     images = np.stack([scene.image(i) for i in indices])
     K = scene.K[indices]
