@@ -111,10 +111,12 @@ def test_no_pose_is_returned_worse_unflagged_on_real_images(tiny_run, tiny_scene
     t1, r1 = pose_errors(res.poses, gt)
     for i, d in enumerate(res.diagnostics):
         if d.status in ("converged", "max_iters"):
-            # no gross regression (unchecked, queries end 30 cm / 10 deg away); a few cm of
-            # translation traded for rotation stay possible, where the tiny field renders the
-            # refined pose as well as the truth (SSIM 0.84 at both): no pixel check sees those
-            assert t1[i] < t0[i] + 0.05 and r1[i] < r0[i] + 0.5, (i, t1, r1, d)
+            # what the pixels prove: the rendering at the returned pose matches the query better
+            assert d.ssim_refined > d.ssim_initial, d
+            # and no gross regression (unchecked, queries end 30 cm / 10 deg away). A few cm stay
+            # possible: on a 64x48 query 7 cm along the view axis moves the image by under a
+            # pixel, and the tiny field renders such poses as well as the truth (SSIM 0.77 / 0.78)
+            assert t1[i] < t0[i] + 0.1 and r1[i] < r0[i] + 0.5, (i, t1, r1, d)
         else:
             np.testing.assert_allclose(res.poses[i], init[i], atol=1e-6)
 
@@ -162,7 +164,10 @@ def test_batched_and_single_agree(tiny_run, tiny_scene):
     # shared optimiser state or cross-talk in the batched render moves a pose by whole steps.
     # The rotation search is checked on its own (test_rotation_search); polish iterations far
     # from the truth part trajectories further, so this keeps a short polish of two
-    # levels (with a third, stride-8 level one query, sent 22 cm away, parted by 1.6 cm).
+    # levels (with a third, stride-8 level one query, sent 22 cm away, parted by 1.6 cm). The
+    # polish's steps compose on the current pose, and rounding parts the runs by up to 6% of
+    # the move (1.07 cm / 0.26 deg of 29 cm / 4.2 deg on 2 threads): 10% still tells that from
+    # cross-talk, which moves poses by whole steps.
     cfg = RefineConfig(iters=5, coarse_iters=2, verify=False, search_pad=0.0, polish_iters=8, polish_levels=2)
     batched = Refiner(model, cfg).refine(images, K, init)
     moved_t, moved_r = pose_errors(batched.poses, init)
@@ -170,7 +175,7 @@ def test_batched_and_single_agree(tiny_run, tiny_scene):
     for i in range(3):
         single = Refiner(model, cfg).refine(images[i : i + 1], K[i : i + 1], init[i : i + 1])
         dt, dr = pose_errors(single.poses, batched.poses[i : i + 1])
-        assert dt[0] < 0.05 * moved_t[i] and dr[0] < 0.05 * moved_r[i], (dt, dr, moved_t[i], moved_r[i])
+        assert dt[0] < 0.1 * moved_t[i] and dr[0] < 0.1 * moved_r[i], (dt, dr, moved_t[i], moved_r[i])
         assert single.diagnostics[0].iterations == batched.diagnostics[i].iterations
 
 
