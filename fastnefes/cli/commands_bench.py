@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, load_scene_from_options
+from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, load_scene_from_options, json_object_option
 from fastnefes.errors import FastnefesError
 
 bench_app = typer.Typer(help="Latency and training-speed benchmarks, fastnefes (hash) against NeFeS's design (mlp).",
@@ -20,16 +19,6 @@ app.add_typer(bench_app, name="bench")
 
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write every figure, the device, backends, versions and commit here.")]
 ConfigOpt = Annotated[str, typer.Option("--config", help="Overrides as a JSON object (see the command's help).")]
-
-
-def _json_object(text: str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FastnefesError(f"{what} {text!r}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise FastnefesError(f"{what} {text!r}: expected a JSON object")
-    return value
 
 
 def _numbers(text: str, what: str, cast=float) -> list:
@@ -178,7 +167,7 @@ def bench_train_command(
     torch_device = resolve_device(device)
     cfg = TrainBenchConfig(archs=arch_list, minutes={"hash": minutes_hash, "mlp": minutes_mlp},
                            psnr_targets=tuple(_numbers(psnr, "--psnr")), val_views=val_views, seed=seed,
-                           overrides=_json_object(config, "--config"), stop_when_reached=stop_when_reached)
+                           overrides=json_object_option(config, "--config"), stop_when_reached=stop_when_reached)
     if save_runs is not None:
         taken = [save_runs / a for a in arch_list if (save_runs / a / "model.safetensors").exists()]
         if taken:
@@ -243,7 +232,7 @@ def bench_refine_command(
     from fastnefes.train.run import load_run
     from fastnefes.train.trainer import resolve_device
 
-    overrides = _json_object(config, "--config")
+    overrides = json_object_option(config, "--config")
     unknown = sorted(set(overrides) - set(RefineConfig().to_dict()))
     if unknown:
         raise FastnefesError(f"--config: unknown refine settings {unknown}")

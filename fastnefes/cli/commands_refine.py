@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DataArg, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
+from fastnefes.cli.options import json_object_option, DeviceOpt, DownscaleOpt, FocalOpt, SfmPosesOpt, FormatOpt, MaxSideOpt, SplitOpt, load_scene_from_options
 from fastnefes.errors import FastnefesError
 
 
@@ -42,15 +42,6 @@ def before_after_table(scene, split: str, result) -> Optional[Table]:
     before = evaluate_poses(gt, result.init).summary()
     after = evaluate_poses(gt, result.refined).summary()
     return evaluation_table("refinement", {"before": before, "after": after}), before, after
-
-
-def refine_config_file(path: Optional[Path]) -> dict:
-    """RefineConfig fields from a JSON file, {} without one (checked where they are applied)."""
-    if path is None:
-        return {}
-    from fastnefes.io import read_json
-
-    return read_json(path)
 
 
 @app.command("refine")
@@ -107,8 +98,8 @@ def refine_command(
 
     from fastnefes.refine.config import checked_config
 
-    file_values = refine_config_file(config_file)
-    checked_config(file_values, str(config_file), base=RefineConfig.preset(preset))  # fails before any loading
+    file_values = json_object_option(str(config_file) if config_file else None, "--config")
+    cfg = checked_config(file_values, str(config_file), base=RefineConfig.preset(preset))  # fails before any loading
     from fastnefes.refine.distributed import refine_split_sharded, start_shard
 
     shard = start_shard(distributed, device)  # None unless under torchrun: then one rank of a sharded run
@@ -127,7 +118,6 @@ def refine_command(
         init_poses = {scene.names[i]: np.eye(4) for i in scene.split(split)}
     if method is not None and method not in ("lm", "adam"):
         raise FastnefesError(f"--method {method!r}: expected lm or adam")
-    cfg = checked_config(file_values, str(config_file), base=RefineConfig.preset(preset))
     cfg.target = target
     given = {"loss": loss, "signal": signal, "method": method}
     for key, value in given.items():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SfmPosesOpt, SplitOpt
+from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SfmPosesOpt, SplitOpt, json_object_option
 from fastnefes.errors import FastnefesError
 
 SettingsOpt = Annotated[Optional[str], typer.Option(
@@ -19,18 +18,7 @@ SettingsOpt = Annotated[Optional[str], typer.Option(
 
 def read_settings(settings: Optional[str]) -> dict:
     """--settings: inline JSON or a JSON file -> dict."""
-    if not settings:
-        return {}
-    from fastnefes.io import read_text
-
-    text = read_text(settings, "refinement settings as JSON") if not settings.lstrip().startswith("{") else settings
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FastnefesError(f"--settings: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise FastnefesError("--settings: expected a JSON object such as {\"iters\": 50}")
-    return value
+    return json_object_option(settings, "--settings", "refinement settings")
 
 
 @app.command("serve")

@@ -9,31 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fastnefes.cli.app import app, console
-from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SfmPosesOpt, SplitOpt
+from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, MaxSideOpt, SfmPosesOpt, SplitOpt, json_object_option
 from fastnefes.errors import FastnefesError
-
-
-def read_config_option(text: Optional[str], option: str) -> dict:
-    """RefineConfig overrides from a JSON object given inline ('{"polish_iters": 8}') or as a file."""
-    import json
-
-    from fastnefes.io import read_text
-
-    if text is None:
-        return {}
-    where = option
-    if not text.lstrip().startswith("{"):
-        path = Path(text)
-        if not path.is_file():
-            raise FastnefesError(f"{option} {text!r}: neither a JSON object nor a JSON file")
-        where, text = str(path), read_text(path, "a JSON object of refinement settings")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FastnefesError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise FastnefesError(f"{where}: expected a JSON object of RefineConfig settings, found {type(value).__name__}")
-    return value
 
 
 def _running_info(trajectory, gt: Optional[dict]) -> str:
@@ -79,8 +56,8 @@ def track_command(
     from fastnefes.io import write_json
     from fastnefes.refine.track import TRACK_FRAME, TRACK_START, Trajectory, refine_config, track_split
 
-    frame_overrides = {**TRACK_FRAME, **read_config_option(config, "--config")}
-    start_overrides = {**TRACK_START, **read_config_option(start_config, "--start-config")}
+    frame_overrides = {**TRACK_FRAME, **json_object_option(config, "--config")}
+    start_overrides = {**TRACK_START, **json_object_option(start_config, "--start-config")}
     frame_cfg = refine_config(frame_overrides, "--config")
     start_cfg = refine_config(start_overrides, "--start-config")
     init_poses = read_poses(init)

@@ -75,12 +75,10 @@ def train_field_command(
         from fastnefes.train.run import read_data_options
 
         data_options = data_options.merged_over(read_data_options(out, data))
-    from fastnefes.io import read_json
+    from fastnefes.cli.options import json_object_option
     from fastnefes.train.config import train_config
 
-    overrides = read_json(config_file) if config_file is not None else {}
-    if not isinstance(overrides, dict):
-        raise FastnefesError(f"{config_file}: expected a JSON object of TrainConfig fields")
+    overrides = json_object_option(str(config_file) if config_file else None, "--config", "TrainConfig fields")
     given = {"depth_weight": depth_weight} if depth_weight is not None else {}
     config = train_config(arch, preset, overrides, where=str(config_file or "train config"), seed=seed,
                           device=str(torch_device), **given)

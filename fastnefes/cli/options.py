@@ -36,3 +36,29 @@ def load_scene_from_options(data: Path, format: Optional[str] = None, downscale:
 
         opts = opts.merged_over(read_data_options(run, data))
     return opts.load(data)
+
+
+def json_object_option(text: Optional[str], option: str, what: str = "RefineConfig settings") -> dict:
+    """An option's JSON object, given inline ('{"iters": 50}') or as the path of a JSON file;
+    {} when unset. Not JSON, not an object or a missing file: one line naming the option or file."""
+    import json
+
+    from fastnefes.errors import FastnefesError
+    from fastnefes.io import read_text
+
+    if not text:
+        return {}
+    where = option
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise FastnefesError(f"{option} {text!r}: neither a JSON object nor a JSON file")
+        where, text = str(path), read_text(path, f"a JSON object of {what}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FastnefesError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise FastnefesError(f"{where}: expected a JSON object of {what}, found {type(value).__name__}")
+    return value
+
