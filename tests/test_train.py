@@ -226,6 +226,28 @@ def test_minutes_budget_stops_on_time_with_stages_in_order(small_room):
     assert stages == sorted(stages) and stages[0] == 0
 
 
+def test_minutes_budget_counts_validation_and_setup(small_room, monkeypatch):
+    import time
+
+    import fastnefes.train.trainer as trainer_module
+
+    real_validate = trainer_module.validate
+
+    def slow_validate(*args, **kwargs):
+        time.sleep(0.4)  # validation that costs a third of the budget per call
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "validate", slow_validate)
+    cfg = tiny_config(minutes=0.05, stage_fractions=(1.0, 0.0, 0.0))  # 3 s of wall time
+    cfg.val_every = 2
+    start = time.perf_counter()
+    _, metrics = train(small_room, cfg, budget_start=start - 0.3)  # 0.3 s already spent loading
+    wall = time.perf_counter() - start
+    assert metrics["wall_time_s"] >= 2.0 and len(metrics["val"]) >= 2  # stops early by the closing validation
+    assert wall + 0.3 < 3.0 + 1.0, wall  # within the budget, but for one step's overshoot
+    assert metrics["wall_time_s"] >= wall  # elapsed counts validations and the setup before the loop
+
+
 def test_depth_supervision_brings_rendered_depth_closer_to_the_truth(small_room):
     from fastnefes.train.trainer import evaluate_views
 

@@ -50,7 +50,7 @@ def train_field_command(
     preset: Annotated[str, typer.Option("--preset", help="quick (1000 steps of 8k samples: a first look), default (3000 steps of 32k samples) or long (6000 steps).")] = "default",
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON object of TrainConfig fields over the preset (its \"model\": ModelConfig fields); the options below win over it.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps (default: the preset's).")] = None,
-    minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Train for this many minutes instead of a step count.")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.01, help="Train for this many minutes of wall time (loading, validation and checkpoints included) instead of a step count.")] = None,
     device: DeviceOpt = "auto",
     extractor: Annotated[str, typer.Option("--extractor", help="ssl (self-supervised encoder) or PATH.pt (TorchScript extractor to distill).", rich_help_panel=EXPERT)] = "ssl",
     feature_dim: Annotated[Optional[int], typer.Option("--feature-dim", min=1, help="Feature dimension (distill: must match the extractor).", rich_help_panel=EXPERT)] = None,
@@ -61,6 +61,9 @@ def train_field_command(
     space: Annotated[Optional[str], typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).", rich_help_panel=EXPERT)] = None,
 ) -> None:
     """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
+    import time
+
+    started = time.perf_counter()  # --minutes is the command's wall time: loading and validation count
     from fastnefes.train import STAGES, train
     from fastnefes.train.run import configure_distill
     from fastnefes.train.sampler import require_depth
@@ -118,7 +121,7 @@ def train_field_command(
             bar.update(task, completed=event["fraction"], description=STAGES[event["stage"]], info=info)
 
         _, metrics = train(scene, config, out, resume=resume, extractor=extractor_module, extractor_path=extractor_path,
-                           progress=on_event, data_options=data_options)
+                           progress=on_event, data_options=data_options, budget_start=started)
         bar.update(task, completed=1.0)
     console.print(_end_table(metrics))
     from fastnefes.train.run import read_config

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -210,7 +211,8 @@ def metrics_summary(state: TrainState, config: TrainConfig) -> dict[str, Any]:
 def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = None, *, resume: bool = False,
           extractor: Optional[torch.nn.Module] = None, extractor_path: Optional[str | Path] = None,
           progress: Optional[Callable[[dict], None]] = None, stop_at_step: Optional[int] = None,
-          data_options: Optional[DataOptions] = None) -> tuple[FeatureFieldModel, dict[str, Any]]:
+          data_options: Optional[DataOptions] = None,
+          budget_start: Optional[float] = None) -> tuple[FeatureFieldModel, dict[str, Any]]:
     """Train (or resume) a feature field; returns (model in eval mode, metrics).
 
     run_dir: where config.json / model.safetensors / metrics.json go (None: nothing is written).
@@ -218,6 +220,8 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
     extractor / extractor_path: distill mode (see configure_distill); the file is copied in.
     stop_at_step: stop after this many steps, as an interrupted run would.
     data_options: how `scene` was loaded, recorded so later commands on the run load it alike.
+    budget_start: time.perf_counter() when a time budget (config.minutes) began, so loading and
+        setup count against it (default: the budget starts with the first step).
     progress: called with {'event': 'step' | 'val' | 'checkpoint' | 'done', ...}.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -255,6 +259,8 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
         if progress is not None:
             progress({"event": "checkpoint", "step": trainer.state.step})
 
+    if budget_start is not None and not resume:
+        trainer.state.elapsed_s += time.perf_counter() - budget_start
     trainer.run(stop_at_step, checkpoint if run_dir is not None else None)
     if run_dir is not None:
         trainer.check_weights()

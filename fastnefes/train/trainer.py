@@ -90,7 +90,7 @@ class TrainState:
 
     step: int = 0  # steps completed
     n_rays: int = 0  # photometric rays of the next step (adapted to the sample budget)
-    elapsed_s: float = 0.0  # training wall time so far (excludes validation and checkpoints)
+    elapsed_s: float = 0.0  # wall time of the budget so far: setup, steps, validation and checkpoints
     stage_steps: list[int] = field(default_factory=lambda: [0, 0, 0])
     history: list[dict] = field(default_factory=list)  # logged training losses
     val: list[dict] = field(default_factory=list)  # validation results
@@ -113,6 +113,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, config)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.state = TrainState(n_rays=config.batch_rays)
+        self.closing_s = {"val": 0.0, "checkpoint": 0.0}  # the last of each: what the budget's end still costs
         self.val_indices = (scene.split("val") or scene.split("test"))[: max(config.val_images, 0)]
         self.amp = config.mixed_precision and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -159,6 +160,8 @@ class Trainer:
             group["lr"] = base * self.cfg.lr_decay**local
 
     def done(self) -> bool:
+        if self.cfg.minutes is not None:  # at least one step; leave room for the closing validation and checkpoint
+            return self.state.step > 0 and self.state.elapsed_s + sum(self.closing_s.values()) >= 60.0 * self.cfg.minutes
         return self.progress_fraction() >= 1.0
 
     # ---- one step --------------------------------------------------------------------------
@@ -309,13 +312,22 @@ class Trainer:
             if self.progress is not None:
                 self.progress({"event": "step", **row, "fraction": self.progress_fraction(), "rays_per_s": logged["rays"] / dt,
                                "rays": logged["rays"], "samples": logged["samples"], "step_s": dt})
+            # A time budget is wall time: validation and checkpoints count against it too.
             if cfg.val_every > 0 and state.step % cfg.val_every == 0 and self.val_indices:
-                self._validate()
+                self.closing_s["val"] = self._timed(self._validate)
             if checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0 and not self.done():
                 self.check_weights()
-                checkpoint()
+                self.closing_s["checkpoint"] = self._timed(checkpoint)
         if self.done() and self.val_indices and (not state.val or state.val[-1]["step"] != state.step):
-            self._validate()
+            self._timed(self._validate)
+
+    def _timed(self, action: Callable[[], None]) -> float:
+        """Run action, add its wall time to the budget's elapsed time, return it."""
+        start = time.perf_counter()
+        action()
+        seconds = time.perf_counter() - start
+        self.state.elapsed_s += seconds
+        return seconds
 
     def _validate(self) -> None:
         result = validate(self.model, self.scene, self.val_indices, self.cfg.val_stride)
