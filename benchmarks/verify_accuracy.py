@@ -1,13 +1,15 @@
 """How well the verification step tells good refinements from bad ones.
 
     python benchmarks/verify_accuracy.py --run RUN --data DATA --out results.json \
-        [--rot-deg 5:10 --trans 0.1:0.3 | --trans-frac 0.02:0.05] [--limit N] [--batch B] [--config '{...}']
+        [--rot-deg 5:10 --trans 0.1:0.3 | --trans-frac 0.02:0.05 | --init POSES.txt] [--limit N] [--batch B]
+        [--config '{...}']
 
 Perturbs the split's ground-truth poses (seeded; --trans in the scene's units, or --trans-frac
 as a fraction of the median camera distance to the scene centre), refines them as `fastnefes
 refine` does but with the pixel check held back (the raw candidates; the refiner's loss checks
 stay), then applies the pixel check as refine does (calibrated on the run's training views) and
-scores its verdicts against the truth. A candidate is "bad" when it is further from the truth
+scores its verdicts against the truth. --init starts from a pose file instead of perturbations
+(e.g. `fastnefes apr predict`'s output; every query of the split must be in it). A candidate is "bad" when it is further from the truth
 than its start by more than --worse-trans (scene units; default 1 cm in a metric scene: 0.01) or
 --worse-rot-deg (default 0.5). The report gives how many good candidates the check kept, how
 many bad ones it caught, the worst regression left unflagged, and the end result as refine
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--rot-deg", default="5:10")
     ap.add_argument("--trans", default="0.1:0.3")
     ap.add_argument("--trans-frac", default="", help="translation as a fraction (range) of the median camera distance to the scene centre")
+    ap.add_argument("--init", default="", help="initial poses (pose file) instead of perturbed ground truth")
     ap.add_argument("--worse-trans", type=float, default=0.01)
     ap.add_argument("--worse-rot-deg", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -73,7 +76,16 @@ def main() -> None:
         median = float(np.median(np.linalg.norm(scene.c2w[scene.split("train"), :3, 3] - centre, axis=1)))
         frac = _range(args.trans_frac)
         trans = tuple(f * median for f in frac) if isinstance(frac, tuple) else frac * median
-    init = perturb_poses(gt, _range(args.rot_deg), trans, seed=args.seed)
+    if args.init:
+        from fastnefes.geometry import read_poses
+
+        given = read_poses(args.init)
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise SystemExit(f"{args.init}: no pose for {missing[0]} (and {len(missing) - 1} more)")
+        init = np.stack([given[n] for n in names])
+    else:
+        init = perturb_poses(gt, _range(args.rot_deg), trans, seed=args.seed)
     cfg = RefineConfig.from_dict({**RefineConfig().to_dict(), **json.loads(args.config)})
     raw_cfg = replace(cfg, verify_rays=0)  # the refiner's own loss checks stay; the pixel check comes after
     t0 = time.perf_counter()
@@ -102,7 +114,7 @@ def main() -> None:
     report = {
         "machine": platform.processor() or platform.machine(), "device": str(device), "threads": torch.get_num_threads(),
         "run": args.run, "data": args.data, "queries": len(names), "refine_wall_s": wall,
-        "perturbation": {"rot_deg": args.rot_deg, "trans": trans, "seed": args.seed},
+        "perturbation": {"init": args.init} if args.init else {"rot_deg": args.rot_deg, "trans": trans, "seed": args.seed},
         "worse_threshold": {"trans": args.worse_trans, "rot_deg": args.worse_rot_deg},
         "config": cfg.to_dict(),
         "pixel_reference_ssim": reference, "kept_by_the_loss_check": int(loss_kept.sum()),
