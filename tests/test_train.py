@@ -259,3 +259,20 @@ def test_depth_supervision_brings_rendered_depth_closer_to_the_truth(small_room)
 
     plain, supervised = depth_error(0.0), depth_error(1.0)
     assert supervised < 0.5 * plain, (plain, supervised)
+
+
+def test_grid_from_pixels_is_resolved_at_the_start_and_saved(small_room, tmp_path):
+    from fastnefes.data.normalize import compute_normalization
+    from fastnefes.field.resolution import per_level_scale_for, pixel_footprint_cells
+    from fastnefes.train.run import read_config
+
+    cfg = tiny_config(steps=2)
+    cfg.model.grid = {**cfg.model.grid, "per_level_scale": 1.05}  # coarse enough that the cameras raise it
+    cfg.model.grid_from_pixels = True
+    train(small_room, cfg, tmp_path / "run")
+    saved, norm, _ = read_config(tmp_path / "run")
+    finest = pixel_footprint_cells(small_room.K, small_room.c2w, compute_normalization(small_room).center, norm.scale,
+                                   small_room.split("train"))
+    expected = per_level_scale_for(finest, 16, 6, floor=1.05)
+    assert expected > 1.05 and saved.model.grid["per_level_scale"] == pytest.approx(expected)
+    assert not saved.model.grid_from_pixels

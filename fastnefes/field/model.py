@@ -85,6 +85,10 @@ class ModelConfig:
     # normalisation chose from the data (resolved when training starts and saved so), or
     # "bounded" / "contracted".
     space: str = "auto"
+    # Raise the grid's per_level_scale (up to MAX_PER_LEVEL_SCALE, never lower) so the finest
+    # level's cells are about one pixel's footprint at the cameras' typical distance (resolved
+    # when training starts and saved so; fastnefes.field.resolution).
+    grid_from_pixels: bool = False
     occ_resolution: int = 64
     occ_levels: int = 1  # the contracted space uses CONTRACTED_OCC_LEVELS
     march_steps: int = 256  # marching step = sqrt(3) / march_steps in the unit cube
@@ -125,6 +129,19 @@ class ModelConfig:
         if self.space == "contracted":
             self.occ_levels = max(self.occ_levels, CONTRACTED_OCC_LEVELS)
             self.cone_angle = self.cone_angle or CONTRACTED_CONE_ANGLE
+
+    def resolve_grid(self, finest: float) -> None:
+        """With grid_from_pixels, raise per_level_scale so the finest level has about `finest`
+        cells across the unit cube (fastnefes.field.resolution); then switch the option off, so a
+        saved config says what it trained with and resolving again changes nothing."""
+        if not self.grid_from_pixels:
+            return
+        from fastnefes.field.resolution import per_level_scale_for
+
+        grid = dict(self.grid)
+        grid["per_level_scale"] = per_level_scale_for(finest, grid["base_resolution"], grid["n_levels"],
+                                                      floor=grid["per_level_scale"])
+        self.grid, self.grid_from_pixels = grid, False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

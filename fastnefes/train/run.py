@@ -234,6 +234,12 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
             raise FastnefesError(f"{run_dir}: already holds a trained run (use --resume to continue it, or another --out)")
         normalization = compute_normalization(scene)
         config.model.resolve_space(normalization.space)  # "auto" -> what the data calls for
+        if config.model.grid_from_pixels:
+            from fastnefes.field.resolution import pixel_footprint_cells
+
+            train_idx = scene.split("train") or list(range(len(scene)))
+            config.model.resolve_grid(pixel_footprint_cells(scene.K, scene.c2w, normalization.center,
+                                                            normalization.scale, train_idx))
     device = resolve_device(config.device)
     config.model.n_images = len(scene.split("train"))
     torch.manual_seed(config.seed)
