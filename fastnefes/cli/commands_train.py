@@ -58,6 +58,7 @@ def train_field_command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.", rich_help_panel=EXPERT)] = 0,
     arch: Annotated[str, typer.Option("--arch", help="hash (fastnefes) or mlp (NeFeS's original sampler: the baseline).", rich_help_panel=EXPERT)] = "hash",
     depth_weight: Annotated[Optional[float], typer.Option("--depth-weight", min=0.0, help="Supervise rendered depth with the data's depth maps at this weight (needs depth registered to the images).", rich_help_panel=EXPERT)] = None,
+    grid_from_pixels: Annotated[bool, typer.Option("--grid-from-pixels", help="Size the hash grid's finest level to a pixel's footprint at the cameras' typical distance (raises per_level_scale, at most 2; for photographs larger than the grid resolves).", rich_help_panel=EXPERT)] = False,
     space: Annotated[Optional[str], typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).", rich_help_panel=EXPERT)] = None,
 ) -> None:
     """Train a feature field on DATA's train split (progressive NeFeS schedule)."""
@@ -96,6 +97,8 @@ def train_field_command(
         config.minutes = minutes
     if space is not None:
         config.model.space = space
+    if grid_from_pixels:
+        config.model.grid_from_pixels = True
     if config.model.space not in ("auto", "bounded", "contracted"):
         raise FastnefesError(f"--space {config.model.space!r}: expected auto, bounded or contracted")
     extractor_module, extractor_path = None, None
@@ -126,8 +129,10 @@ def train_field_command(
     console.print(_end_table(metrics))
     from fastnefes.train.run import read_config
 
-    _, norm, _ = read_config(out)
+    saved, norm, _ = read_config(out)
+    g = saved.model.grid
     console.print(f"scene box from {norm.source}, {norm.space} space ({1 / norm.scale:.3g} units across); "
+                  f"finest grid level {g['base_resolution'] * g['per_level_scale'] ** (g['n_levels'] - 1):.0f} cells across; "
                   f"data options: {as_options(format, downscale, max_side, focal, sfm_poses).describe()}")
     console.print(f"run written to {out}")
 
