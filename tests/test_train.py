@@ -227,25 +227,39 @@ def test_minutes_budget_stops_on_time_with_stages_in_order(small_room):
 
 
 def test_minutes_budget_counts_validation_and_setup(small_room, monkeypatch):
-    import time
+    import types
 
+    import fastnefes.train.run as run_module
     import fastnefes.train.trainer as trainer_module
+
+    clock = types.SimpleNamespace(t=0.0)
+
+    def perf_counter() -> float:  # a virtual clock: every reading costs 50 ms, validation 400 ms
+        clock.t += 0.05
+        return clock.t
 
     real_validate = trainer_module.validate
 
     def slow_validate(*args, **kwargs):
-        time.sleep(0.4)  # validation that costs a third of the budget per call
+        clock.t += 0.4
         return real_validate(*args, **kwargs)
 
+    fake_time = types.SimpleNamespace(perf_counter=perf_counter)
+    monkeypatch.setattr(trainer_module, "time", fake_time)
+    monkeypatch.setattr(run_module, "time", fake_time)
     monkeypatch.setattr(trainer_module, "validate", slow_validate)
-    cfg = tiny_config(minutes=0.05, stage_fractions=(1.0, 0.0, 0.0))  # 3 s of wall time
-    cfg.val_every = 2
-    start = time.perf_counter()
-    _, metrics = train(small_room, cfg, budget_start=start - 0.3)  # 0.3 s already spent loading
-    wall = time.perf_counter() - start
-    assert metrics["wall_time_s"] >= 2.0 and len(metrics["val"]) >= 2  # stops early by the closing validation
-    assert wall + 0.3 < 3.0 + 1.0, wall  # within the budget, but for one step's overshoot
-    assert metrics["wall_time_s"] >= wall  # elapsed counts validations and the setup before the loop
+
+    def run(spent_before: float) -> dict:
+        cfg = tiny_config(minutes=0.05, stage_fractions=(1.0, 0.0, 0.0))  # 3 s
+        cfg.val_every = 2
+        return train(small_room, cfg, budget_start=clock.t - spent_before)[1]
+
+    metrics = run(0.3)
+    # validations count: the loop stops early enough for its closing validation to end on time
+    assert len(metrics["val"]) >= 2 and 3.0 - 0.5 <= metrics["wall_time_s"] <= 3.0 + 0.1
+    assert metrics["steps"] < 3.0 / 0.1  # a step reads the clock twice: without validations there would be more
+    late = run(2.99)  # setup counts: the budget is spent before the first step, which runs anyway
+    assert late["steps"] == 1 and late["wall_time_s"] >= 3.0
 
 
 def test_depth_supervision_brings_rendered_depth_closer_to_the_truth(small_room):
