@@ -129,10 +129,12 @@ def train_field_command(
     console.print(_end_table(metrics))
     from fastnefes.train.run import read_config
 
+    from fastnefes.ops.hashgrid.config import HashGridConfig
+
     saved, norm, _ = read_config(out)
-    g = saved.model.grid
+    finest = HashGridConfig.from_dict(saved.model.grid).levels()[-1].resolution
     console.print(f"scene box from {norm.source}, {norm.space} space ({1 / norm.scale:.3g} units across); "
-                  f"finest grid level {g['base_resolution'] * g['per_level_scale'] ** (g['n_levels'] - 1):.0f} cells across; "
+                  f"finest grid level {finest} cells across; "
                   f"data options: {as_options(format, downscale, max_side, focal, sfm_poses).describe()}")
     console.print(f"run written to {out}")
 
