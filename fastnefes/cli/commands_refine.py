@@ -53,9 +53,9 @@ def refine_command(
     split: SplitOpt = "test",
     target: Annotated[str, typer.Option("--target", help="pose: optimise an SE(3) increment; apr: a per-query copy of the APR's weights.")] = "pose",
     apr: Annotated[Optional[Path], typer.Option("--apr", help="APR directory (fastnefes apr train), for --target apr.")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="default (150 Adam iterations on the features, 3-level RGB polish), fast (50 iterations, 2-level polish of 10) or lm (Levenberg-Marquardt on the features, surface-band sampling); see docs/refinement.md.")] = "default",
+    preset: Annotated[str, typer.Option("--preset", help="default (150 Adam iterations on the features, 3-level RGB polish), fast (50 iterations, 2-level polish of 10) lm (Levenberg-Marquardt on the features, surface-band sampling) or direct (direct alignment against a few rendered keyframes); see docs/refinement.md.")] = "default",
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON object of RefineConfig fields over the preset; the options below win over it.")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="Feature-phase optimiser: lm (Levenberg-Marquardt) or adam (NeFeS).", rich_help_panel="Expert refinement settings")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Feature-phase optimiser: lm (Levenberg-Marquardt), direct (direct alignment against rendered keyframes) or adam (NeFeS).", rich_help_panel="Expert refinement settings")] = None,
     iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase renders per query at most, coarse ones included (default 150, fast 50, lm 30).", rich_help_panel="Expert refinement settings")] = None,
     band_samples: Annotated[Optional[int], typer.Option("--band-samples", min=0, help="Surface-guided sampling: samples per ray around the surface a phase's first render found (fast: 8; 0 = a full march at every render).", rich_help_panel="Expert refinement settings")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Queries refined together in one batched render.")] = 8,
@@ -116,8 +116,8 @@ def refine_command(
         init_poses = read_poses(init)
     else:  # APR target without an init file: every image of the split; the APR gives the start
         init_poses = {scene.names[i]: np.eye(4) for i in scene.split(split)}
-    if method is not None and method not in ("lm", "adam"):
-        raise FastnefesError(f"--method {method!r}: expected lm or adam")
+    if method is not None and method not in ("lm", "adam", "direct"):
+        raise FastnefesError(f"--method {method!r}: expected lm, adam or direct")
     cfg.target = target
     given = {"loss": loss, "signal": signal, "method": method}
     for key, value in given.items():

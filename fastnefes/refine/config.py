@@ -15,8 +15,10 @@ class RefineConfig:
 
     target: str = "pose"  # "pose": an SE(3) increment per query; "apr": a per-query copy of the APR's weights
     # The feature phase's optimiser: "lm" (Levenberg-Marquardt on the feature residual, exact
-    # Jacobians by forward tangents: fastnefes.refine.feature_gauss_newton) or "adam" (NeFeS:
-    # Adam on the loss's gradient, with the step sizes below).
+    # Jacobians by forward tangents: fastnefes.refine.feature_gauss_newton), "direct" (direct
+    # alignment of the query's map against keyframes rendered at the current pose, iters = the
+    # keyframe renders: fastnefes.refine.direct_alignment) or "adam" (NeFeS: Adam on the loss's
+    # gradient, with the step sizes below).
     method: str = "adam"
     iters: int = 150  # feature-phase renders at most, coarse ones included (NeFeS: 50 Adam iterations)
     loss: str = "cosine"  # "cosine" (1 - mean cosine, NeFeS) or "robust" (Cauchy on unit features)
@@ -87,7 +89,8 @@ class RefineConfig:
     # A pyramid: levels at polish_stride * 2^(levels-1), ..., * 2, * 1. The coarsest level widens
     # RGB's basin: 3 (strides 8, 4, 2) brought the room's seed-1 misses in (93% -> 100%, README).
     polish_levels: int = 3
-    polish_method: str = "lm"  # "lm" (Levenberg-Marquardt) or "adam"
+    polish_method: str = "lm"  # "lm" (Levenberg-Marquardt), "direct" (iters = keyframe renders) or "adam"
+    direct_iters: int = 15  # method "direct": Levenberg-Marquardt iterations per keyframe (no renders)
     polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
     # Rays fitted per query and polish level: where a level's grid has more pixels, at most this
     # many, the most textured pixel of each block of the grid (flat regions add rays, hardly any
@@ -126,11 +129,12 @@ PRESETS: dict[str, dict] = {
     "default": {},
     "fast": {"iters": 50, "coarse_iters": 15, "polish_iters": 10, "polish_levels": 2},
     "lm": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
+    "direct": {"method": "direct", "iters": 8, "coarse_iters": 0, "polish_method": "direct", "polish_iters": 6},
 }
 
 
-_CHOICES = {"target": ("pose", "apr"), "method": ("adam", "lm"), "loss": ("cosine", "robust"),
-            "signal": ("features", "rgb"), "polish_method": ("lm", "adam")}
+_CHOICES = {"target": ("pose", "apr"), "method": ("adam", "lm", "direct"), "loss": ("cosine", "robust"),
+            "signal": ("features", "rgb"), "polish_method": ("lm", "adam", "direct")}
 _AT_LEAST_ONE = {"coarse_factor", "patience", "check_every", "polish_levels", "polish_stride", "search_roll_steps",
                  "search_candidates"}
 

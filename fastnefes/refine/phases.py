@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnefes.geometry import pixel_grid, se3_exp
+from fastnefes.refine.direct_alignment import direct_alignment_phase
 from fastnefes.refine.feature_gauss_newton import feature_lm_phase
 from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.optim import BatchedAdam, lr_scale
@@ -54,8 +55,8 @@ def max_step(refiner, signal: str = "rgb") -> torch.Tensor:
 
 
 def run_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, iters, progress) -> torch.Tensor:
-    """The phase by its method (`lm_phase` or `adam_phase`)."""
-    run = lm_phase if phase.method == "lm" else adam_phase
+    """The phase by its method (`lm_phase`, `direct_phase` or `adam_phase`)."""
+    run = {"lm": lm_phase, "direct": direct_phase}.get(phase.method, adam_phase)
     return run(refiner, phase, K, init, target, H, W, delta, failed, iters, progress)
 
 
@@ -82,6 +83,26 @@ def lm_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, iters,
                                          iters, tolerance(refiner), max_step(refiner, "features"), cfg.lm_damping,
                                          cfg.loss, cfg.fused, cfg.feature_rays, cfg.band_samples, cfg.remarch_fraction,
                                          report, cfg.lm_ftol)
+    return converged
+
+
+def direct_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, iters, progress) -> torch.Tensor:
+    """Direct alignment against keyframes rendered at the current poses
+    (fastnefes.refine.direct_alignment): phase.iters keyframe renders at most, the first
+    coarse_iters at coarse_factor times the stride (target average-pooled); direct_iters
+    Levenberg-Marquardt iterations per keyframe."""
+    cfg = refiner.config
+    converged = torch.zeros(delta.shape[0], dtype=torch.bool)
+    levels = [(cfg.coarse_factor, phase.coarse_iters), (1, phase.iters - phase.coarse_iters)]
+    for n, (factor, count) in enumerate(levels):
+        if count <= 0:
+            continue
+        report = progress if n == len(levels) - 1 else None
+        level_target = F.avg_pool2d(target, factor) if factor > 1 else target
+        converged = direct_alignment_phase(refiner.model, K, init, level_target, H, W, phase.stride * factor,
+                                           phase.signal, count, cfg.direct_iters, delta, failed, iters,
+                                           tolerance(refiner), max_step(refiner, phase.signal), cfg.lm_damping,
+                                           cfg.polish_rays if phase.signal == "rgb" else 0, report, cfg.lm_ftol)
     return converged
 
 

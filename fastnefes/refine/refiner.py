@@ -260,12 +260,15 @@ class Refiner:
         cfg = self.config
         fine = phases[-1].stride
         finest = self.encode_queries(images, "rgb", fine)
-        subset = cfg.polish_method == "lm" and 0 < cfg.polish_rays < (H // fine) * (W // fine)
+        subset = cfg.polish_method in ("lm", "direct") and 0 < cfg.polish_rays < (H // fine) * (W // fine)
         converged = torch.zeros(delta.shape[0], dtype=torch.bool)
         with self._undone_unless_lower(K, base, delta, failed, finest, H, W, fine, "rgb") if subset else nullcontext():
             for n, phase in enumerate(phases):
                 target = finest if phase.stride == fine else self.encode_queries(images, phase.signal, phase.stride)
                 report = progress if n == len(phases) - 1 else None
+                if phase.method == "direct":
+                    converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)
+                    continue
                 if phase.method == "lm":
                     converged = levenberg_marquardt_phase(self.model, K, base, target, H, W, phase.stride, phase.iters,
                                                           delta, failed, iters, self._tolerance(), self._max_step(),
