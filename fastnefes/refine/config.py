@@ -44,6 +44,9 @@ class RefineConfig:
     lm_feature_max_rot_deg: float = 5.0  # trust region of a feature-phase LM step: turn at most ...
     lm_feature_max_trans: float = 0.05  # ... and move at most (unit cube)
     stride: int = 0  # render stride in image pixels; 0 = the encoder's stride (NeFeS: 1/8 of the image)
+    # > 0: the feature phase's stride doubles while its map has more pixels than this (a
+    # 640x480 frame's 60x80 map becomes 30x40 at 1200); 0 = the stride above.
+    max_feature_pixels: int = 0
     tol_rot_deg: float = 0.005  # early stop when a step moves less than this ...
     tol_trans: float = 2e-5  # ... and less than this (unit cube) ...
     patience: int = 3  # ... for this many consecutive iterations
@@ -90,12 +93,15 @@ class RefineConfig:
     # RGB's basin: 3 (strides 8, 4, 2) brought the room's seed-1 misses in (93% -> 100%, README).
     polish_levels: int = 3
     polish_method: str = "lm"  # "lm" (Levenberg-Marquardt), "direct" (iters = keyframe renders) or "adam"
-    direct_iters: int = 15  # method "direct": Levenberg-Marquardt iterations per keyframe (no renders)
+    direct_iters: int = 8  # method "direct": Levenberg-Marquardt iterations per keyframe (no renders)
     polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
     # Rays fitted per query and polish level: where a level's grid has more pixels, at most this
     # many, the most textured pixel of each block of the grid (flat regions add rays, hardly any
     # J^T J), judged on every pixel of the finest grid at the end. 0 = every pixel.
     polish_rays: int = 1200
+    # A polish that fits a subset of the rays is judged on every pixel of the finest grid, or,
+    # > 0, on that grid coarsened (x2 at a time) to at most this many pixels.
+    polish_judge_pixels: int = 0
     polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
     # Levenberg-Marquardt also stops a query when a kept step lowered its loss by less than this
@@ -129,7 +135,9 @@ PRESETS: dict[str, dict] = {
     "default": {},
     "fast": {"iters": 50, "coarse_iters": 15, "polish_iters": 10, "polish_levels": 2},
     "lm": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
-    "direct": {"method": "direct", "iters": 8, "coarse_iters": 0, "polish_method": "direct", "polish_iters": 6},
+    "direct": {"method": "direct", "iters": 8, "coarse_iters": 0, "polish_method": "direct", "polish_iters": 6,
+               "polish_levels": 2, "lm_ftol": 1e-3, "max_feature_pixels": 1200, "polish_judge_pixels": 1200,
+               "verify_rays": 1200},
 }
 
 

@@ -30,45 +30,64 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastnefes.geometry import backproject, invert_pose, pixel_grid, se3_exp, se3_log
-from fastnefes.refine.gauss_newton import levenberg_marquardt, textured_pixels
+from fastnefes.refine.gauss_newton import textured_pixels
 from fastnefes.timing import section
 
 OUTSIDE_RESIDUAL2 = 4.0  # squared residual charged for a point the candidate pose sees outside the map
 
 
-def sample_with_gradient(image: Tensor, uv: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Bilinear samples of a map and of its image gradient.
+def map_with_gradient(image: Tensor, stride: int) -> Tensor:
+    """[B, 3C, h, w]: a map [B, C, h, w] and its image gradient d/du, d/dv (per image pixel;
+    central differences of the map), stacked for sample_map."""
+    padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    gx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / (2.0 * stride)
+    gy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / (2.0 * stride)
+    return torch.cat([image, gx, gy], 1)
+
+
+def sample_map(stack: Tensor, uv: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear samples of map_with_gradient's stack.
 
     Args:
-        image: [B, C, h, w] map whose pixel (i, j) is centred at image coordinates
+        stack: [B, 3C, h, w]; map pixel (i, j) is centred at image coordinates
             ((j + 0.5) stride, (i + 0.5) stride) (pixel_grid's convention).
         uv: [B, N, 2] image coordinates (x, y) in full-resolution pixels.
         stride: image pixels per map pixel.
     Returns:
-        values [B, N, C], d values / du [B, N, C], d values / dv [B, N, C] (per image pixel; central
-        differences of the map) and inside [B, N] bool (within the map's pixels; the border
-        half pixel repeats the edge).
+        values, d values / du, d values / dv ([B, N, C] each) and inside [B, N] bool (within the
+        map's pixels; the border half pixel repeats the edge).
     """
-    B, C, h, w = image.shape
-    padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
-    gx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / (2.0 * stride)
-    gy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / (2.0 * stride)
-    stack = torch.cat([image, gx, gy], 1)
+    B, C3, h, w = stack.shape
+    C = C3 // 3
     col = uv[..., 0] / stride - 0.5
     row = uv[..., 1] / stride - 0.5
     grid = torch.stack([2.0 * col / max(w - 1, 1) - 1.0, 2.0 * row / max(h - 1, 1) - 1.0], -1)
     out = F.grid_sample(stack, grid[:, :, None, :], mode="bilinear", padding_mode="border", align_corners=True)
     out = out[..., 0].transpose(1, 2)  # [B, N, 3C]
-    inside = (col >= -0.5) & (col <= w - 0.5) & (row >= -0.5) & (row <= h - 0.5)  # the map's pixels
+    inside = (col >= -0.5) & (col <= w - 0.5) & (row >= -0.5) & (row <= h - 0.5)
     return out[..., :C], out[..., C:2 * C], out[..., 2 * C:], inside
 
 
-def warp_equations(query: Tensor, stride: int, K: Tensor, poses: Tensor, points: Tensor, values: Tensor,
+def projection_jacobian(y: Tensor, fx: Tensor, fy: Tensor) -> Tensor:
+    """[..., 2, 6]: d(u, v) of the pinhole projection of camera-frame points y [..., 3] (z > 0)
+    with respect to a local pose increment (rotation w first): exp(-step) y = y + [y]x w - v to
+    first order. fx, fy broadcast against y[..., 0]."""
+    x, yy, z = y.unbind(-1)
+    iz = 1.0 / z
+    a, b = x * iz, yy * iz
+    zero = torch.zeros_like(a)
+    du = torch.stack([fx * a * b, -fx * (1 + a * a), fx * b, -fx * iz, zero, fx * a * iz], -1)
+    dv = torch.stack([fy * (1 + b * b), -fy * a * b, -fy * a, zero, -fy * iz, fy * b * iz], -1)
+    return torch.stack([du, dv], -2)
+
+
+def warp_equations(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points: Tensor, values: Tensor,
                    valid: Tensor, scale2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Robust loss and normal equations of the warp residual at candidate query poses.
 
     Args:
-        query: [B, C, h, w] the query's map at `stride`; K: [B, 3, 3] full-resolution intrinsics.
+        stack: [B, 3C, h, w] the query's map at `stride` with its gradient (map_with_gradient);
+            K: [B, 3, 3] full-resolution intrinsics.
         poses: [B, 4, 4] candidate camera-to-world poses of the queries.
         points: [B, N, 3] world points of the keyframe's pixels; values: [B, N, C] rendered there.
         valid: [B, N] bool, pixels with a surface; scale2: [B] squared Cauchy scale.
@@ -79,53 +98,50 @@ def warp_equations(query: Tensor, stride: int, K: Tensor, poses: Tensor, points:
     """
     w2c = invert_pose(poses)
     y = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]  # [B, N, 3] camera frame
-    z = y[..., 2]
-    front = z > 1e-6
-    zs = torch.where(front, z, torch.ones_like(z))
+    front = y[..., 2] > 1e-6
+    y = torch.where(front[..., None], y, torch.ones_like(y))  # behind the camera: masked below
     fx, fy = K[:, None, 0, 0], K[:, None, 1, 1]
-    u = fx * y[..., 0] / zs + K[:, None, 0, 2]
-    v = fy * y[..., 1] / zs + K[:, None, 1, 2]
-    sampled, du, dv, inside = sample_with_gradient(query, torch.stack([u, v], -1), stride)
+    uv = torch.stack([fx * y[..., 0] / y[..., 2] + K[:, None, 0, 2], fy * y[..., 1] / y[..., 2] + K[:, None, 1, 2]], -1)
+    sampled, du, dv, inside = sample_map(stack, uv, stride)
     residual = sampled - values
     seen = valid & front & inside
-    r2 = torch.where(seen, residual.pow(2).sum(-1), torch.full_like(z, OUTSIDE_RESIDUAL2))
+    r2 = torch.where(seen, residual.pow(2).sum(-1), torch.full_like(residual[..., 0], OUTSIDE_RESIDUAL2))
     c2 = scale2[:, None]
-    count = valid.sum(1).clamp_min(1)
-    loss = (torch.log1p(r2 / c2) * valid).sum(1) / count * c2[:, 0]
+    loss = (torch.log1p(r2 / c2) * valid).sum(1) / valid.sum(1).clamp_min(1) * scale2
     weight = (seen / (1.0 + r2 / c2)).to(residual.dtype)  # IRLS weights of the Cauchy penalty
-    # d(u, v) / dy, then dy / d(step): exp(-step) y = y + [y]x w - v to first order.
-    inv_z = 1.0 / zs
-    du_dy = torch.stack([fx * inv_z, torch.zeros_like(z), -fx * y[..., 0] * inv_z**2], -1)
-    dv_dy = torch.stack([torch.zeros_like(z), fy * inv_z, -fy * y[..., 1] * inv_z**2], -1)
-    yx, yy, yz = y.unbind(-1)
-    zero = torch.zeros_like(yx)
-    skew = torch.stack([torch.stack([zero, -yz, yy], -1), torch.stack([yz, zero, -yx], -1),
-                        torch.stack([-yy, yx, zero], -1)], -2)  # [B, N, 3, 3] = [y]x
-    dy = torch.cat([skew, -torch.eye(3, device=y.device).expand_as(skew)], -1)  # [B, N, 3, 6]
-    duv = torch.stack([du_dy, dv_dy], -2) @ dy  # [B, N, 2, 6]
-    J = du[..., None] * duv[:, :, None, 0] + dv[..., None] * duv[:, :, None, 1]  # [B, N, C, 6]
-    Jw = J * weight[..., None, None]
-    return loss, torch.einsum("bnci,bncj->bij", Jw, J), torch.einsum("bnci,bnc->bi", Jw, residual)
+    # J = g @ P per channel (g = [du, dv] the map's gradient, P = d(u, v) / d step), so
+    # J^T W J = sum P^T (w g^T g) P: a 2x2 structure tensor per point instead of C rows.
+    P = projection_jacobian(y, fx, fy)  # [B, N, 2, 6]
+    g = torch.stack([du, dv], -1) * weight[..., None, None]  # [B, N, C, 2]
+    G = torch.einsum("bnca,bncd->bnad", g, torch.stack([du, dv], -1))  # [B, N, 2, 2]
+    e = torch.einsum("bnca,bnc->bna", g, residual)  # [B, N, 2]
+    return loss, torch.einsum("bnai,bnad,bndj->bij", P, G, P), torch.einsum("bnai,bna->bi", P, e)
 
 
 def unit(x: Tensor, dim: int) -> Tensor:
     return F.normalize(x, dim=dim, eps=1e-6)
 
 
-def render_keyframe(model, K: Tensor, c2w: Tensor, query: Tensor, height: int, width: int, stride: int,
-                    signal: str, max_rays: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The field at poses c2w [B, 4, 4], no gradients: (world points [B, N, 3], values [B, N, C],
-    valid [B, N] bool, squared residuals [B, N] and loss [B] against the query's own pixels). Features: every pixel of the
-    stride grid (the Feature Fusion module needs the whole map), unit vectors, cosine loss.
-    RGB: at most max_rays pixels, the most textured of each block of the query map (the
-    pose is close, so the query's texture marks the keyframe's), mean squared error."""
+def keyframe_pixels(query: Tensor, height: int, width: int, stride: int, signal: str, max_rays: int) -> Tensor:
+    """[B, N, 2] image coordinates a phase renders its keyframes at. Features: every pixel of the
+    stride grid (the Feature Fusion module needs the whole map). RGB: at most max_rays (0: all),
+    the most textured of each block of the query map [B, C, h, w] (the pose is close, so the
+    query's texture marks the keyframe's)."""
+    B = query.shape[0]
+    if signal == "rgb" and 0 < max_rays < query.shape[-2] * query.shape[-1]:
+        return textured_pixels(query, stride, max_rays)[0]
+    return pixel_grid(height, width, stride, device=query.device).reshape(1, -1, 2).expand(B, -1, 2)
+
+
+def render_keyframe(model, K: Tensor, c2w: Tensor, pixels: Tensor, stack: Tensor, height: int, width: int,
+                    stride: int, signal: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The field at poses c2w [B, 4, 4] through pixels [B, N, 2] (keyframe_pixels), no gradients:
+    (world points [B, N, 3], values [B, N, C] (unit vectors for features), valid [B, N] bool,
+    squared residuals [B, N] and loss [B] against the query's map (stack: map_with_gradient):
+    the cosine loss for features, the mean squared error per channel for RGB)."""
     from fastnefes.render import render_pixels
 
-    B, dev = c2w.shape[0], c2w.device
-    if signal == "rgb" and 0 < max_rays < query.shape[-2] * query.shape[-1]:
-        pixels, _ = textured_pixels(query, stride, max_rays)  # [B, N, 2]
-    else:
-        pixels = pixel_grid(height, width, stride, device=dev).reshape(1, -1, 2).expand(B, -1, 2)
+    B = c2w.shape[0]
     with torch.no_grad():
         if signal == "rgb":
             out = render_pixels(model, K, c2w, pixels[:, :, None, :], fused=False)
@@ -136,11 +152,10 @@ def render_keyframe(model, K: Tensor, c2w: Tensor, query: Tensor, height: int, w
             values = unit(out["fused"].reshape(B, h * w, -1), -1)
         depth, opacity = out["depth"].reshape(B, -1), out["opacity"].reshape(B, -1)
         points = backproject(pixels[:, :, None, :], depth[:, :, None], K, c2w)[:, :, 0]
-        valid = (opacity > 0.5) & (depth > 0)
-        sampled, _, _, inside = sample_with_gradient(query, pixels, stride)
+        sampled, _, _, inside = sample_map(stack, pixels, stride)
         r2 = (sampled - values).pow(2).sum(-1)
-        loss = r2.mean(1) / (2.0 if signal != "rgb" else values.shape[-1])  # cosine loss / per-channel MSE
-    return points, values, valid & inside, r2, loss
+        loss = r2.mean(1) / (2.0 if signal != "rgb" else values.shape[-1])
+    return points, values, (opacity > 0.5) & (depth > 0) & inside, r2, loss
 
 
 def clipped(step: Tensor, bound: Tensor) -> Tensor:
@@ -148,19 +163,63 @@ def clipped(step: Tensor, bound: Tensor) -> Tensor:
     return step / (step.abs() / bound).amax(1, keepdim=True).clamp_min(1.0)
 
 
-def solve_on_keyframe(query: Tensor, stride: int, K: Tensor, poses: Tensor, points: Tensor, values: Tensor,
+def solve_on_keyframe(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points: Tensor, values: Tensor,
                       valid: Tensor, r2: Tensor, iters: int, tol: Tensor, max_step: Tensor, damping: float,
                       ftol: float = 0.0) -> tuple[Tensor, Tensor]:
     """Levenberg-Marquardt on the warp residual from the keyframe poses [B, 4, 4] (render_keyframe's
-    points, values, valid, r2): ([B, 6] the solved increment on poses, [B] bool failed)."""
-    solved, failed = poses.clone(), torch.zeros(poses.shape[0], dtype=torch.bool)
+    points, values, valid, r2; stack: the query maps, map_with_gradient).
+
+    An evaluation costs a grid_sample, so the loop is kept lean: every query steps in lockstep
+    (no gathering of rows), a step is kept where it lowers the query's loss (the damping then
+    shrinks, else grows, relative to diag(J^T J) as Marquardt's scaling), steps fit the trust
+    region max_step [6], and the loop ends when every query's last kept step was within tol [6]
+    or gained less than ftol of its loss. Returns ([B, 6] the solved increment on poses, [B]
+    bool failed: a non-finite loss or normal equations at the keyframe).
+    """
     scale2 = cauchy_scale(r2, valid)
-    levenberg_marquardt(lambda r, p: warp_equations(query[r], stride, K[r], p, points[r], values[r], valid[r],
-                                                    scale2[r]),
-                        solved, failed, torch.zeros(poses.shape[0], dtype=torch.long), iters, tol, max_step, damping,
-                        ftol=ftol)
-    moved = se3_log(torch.linalg.inv(poses) @ solved)
-    return torch.where(failed.to(moved.device)[:, None], torch.zeros_like(moved), moved), failed
+
+    def evaluate(candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return warp_equations(stack, stride, K, candidates, points, values, valid, scale2)
+
+    B, dev = poses.shape[0], poses.device
+    total = torch.zeros(B, 6, device=dev)  # the solved increment, composed step by step
+    loss, A, g = evaluate(poses)
+    failed = ~torch.isfinite(loss) | ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(g).all(1)
+    lam = torch.full((B,), damping, device=dev)
+    done = failed.clone()
+    current = poses
+    for _ in range(iters):
+        diag = torch.diagonal(A, dim1=1, dim2=2).clamp_min(1e-12)
+        system = (A + torch.diag_embed(lam[:, None] * diag)).double()
+        step = -torch.linalg.solve(system, g.double()[..., None])[..., 0].float()
+        step = clipped(torch.nan_to_num(step), max_step.expand_as(step))
+        candidate = current @ se3_exp(step)
+        new_loss, new_A, new_g = evaluate(candidate)
+        better = (new_loss < loss) & torch.isfinite(new_A).flatten(1).all(1) & torch.isfinite(new_g).all(1) & ~done
+        gain = loss - new_loss
+        current = torch.where(better[:, None, None], candidate, current)
+        loss = torch.where(better, new_loss, loss)
+        A = torch.where(better[:, None, None], new_A, A)
+        g = torch.where(better[:, None], new_g, g)
+        lam = torch.where(better, (lam / 3).clamp_min(1e-7), lam * 4)
+        done |= better & (((step.abs() <= tol).all(1)) | (gain <= ftol * new_loss)) | (lam > 1e6)
+        if bool(done.all()):
+            break
+    total = se3_log(torch.linalg.inv(poses) @ current)
+    return torch.where(failed[:, None], torch.zeros_like(total), total), failed.cpu()
+
+
+def mean_shift(K: Tensor, poses: Tensor, step: Tensor, points: Tensor, valid: Tensor) -> Tensor:
+    """[B] mean distance in image pixels that the valid [B, N] world points [B, N, 3] move in
+    cameras poses [B, 4, 4] when these move by local increments step [B, 6]."""
+    def project(c2w: Tensor) -> Tensor:
+        w2c = invert_pose(c2w)
+        y = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]
+        z = y[..., 2].clamp_min(1e-6)
+        return torch.stack([K[:, None, 0, 0] * y[..., 0] / z, K[:, None, 1, 1] * y[..., 1] / z], -1)
+
+    shift = (project(poses @ se3_exp(step)) - project(poses)).norm(dim=-1)
+    return (shift * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
 def cauchy_scale(r2: Tensor, valid: Tensor) -> Tensor:
@@ -174,7 +233,7 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
                            signal: str, renders: int, iters: int, delta: Tensor, failed: Tensor, counts: Tensor,
                            tol: Tensor, max_step: Tensor, damping: float = 1e-2, max_rays: int = 0,
                            progress: Optional[Callable[[int], None]] = None, ftol: float = 0.0,
-                           reach: float = 4.0, max_halvings: int = 3) -> Tensor:
+                           pixel_tol: float = 0.03, reach: float = 4.0, max_halvings: int = 3) -> Tensor:
     """Direct alignment of queries against keyframes rendered at their current poses.
 
     Args:
@@ -183,7 +242,9 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         signal: "features" or "rgb"; renders: keyframe renders per query at most (the last one
             judges the final solve); iters: Levenberg-Marquardt iterations per keyframe.
         failed [B] is marked on non-finite values; counts [B] counts renders.
-        tol [6]: a solve moving less than this (each coordinate) ends the query, converged.
+        tol [6]: a solve moving less than this (each coordinate), or moving the keyframe's points
+            by less than pixel_tol map pixels on average, ends the query, converged (a
+            finer level or the next phase takes over from there).
         max_step [6]: trust region of one Levenberg-Marquardt step.
         max_rays: rgb only, the most keyframe pixels per query (0: every pixel of the grid).
     Returns:
@@ -191,6 +252,8 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
     """
     B, dev = delta.shape[0], delta.device
     target = query if signal == "rgb" else unit(query, 1)
+    stack = map_with_gradient(target, stride)
+    pixels = keyframe_pixels(target, height, width, stride, signal, max_rays)
     current = init @ se3_exp(delta)
     best_pose, best_loss = current.clone(), torch.full((B,), math.inf, device=dev)
     active = ~failed.clone()
@@ -203,8 +266,8 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
             break
         rd = rows.to(dev)
         with section("keyframe_render"):
-            points, values, valid, r2, loss = render_keyframe(model, K[rd], current[rd], target[rd], height, width,
-                                                          stride, signal, max_rays)
+            points, values, valid, r2, loss = render_keyframe(model, K[rd], current[rd], pixels[rd], stack[rd],
+                                                              height, width, stride, signal)
         counts[rows] += 1
         bad = ~torch.isfinite(loss).cpu()
         better = (loss < best_loss[rd]).cpu() & ~bad
@@ -228,11 +291,12 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         if bool(go.any()):
             g = rd[go]
             with section("direct_solve"):
-                moved, solve_failed = solve_on_keyframe(target[g], stride, K[g], current[g], points[go], values[go],
+                moved, solve_failed = solve_on_keyframe(stack[g], stride, K[g], current[g], points[go], values[go],
                                                         valid[go], r2[go], iters, tol, max_step, damping, ftol)
             moved = clipped(moved, max_step * radius[g, None])
+            shift = mean_shift(K[g], current[g], moved, points[go], valid[go])
+            small = ((moved.abs() <= tol).all(1) | (shift <= pixel_tol * stride)).cpu()
             current[g] = current[g] @ se3_exp(moved)
-            small = (moved.abs() <= tol).all(1).cpu()
             converged[g[small].cpu()] = True
             active[g[small | solve_failed].cpu()] = False
         failed[rows[bad]] = True

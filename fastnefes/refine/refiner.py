@@ -68,12 +68,18 @@ class Refiner:
         return frozen(self.model)
 
     # -- query side -------------------------------------------------------------------------
-    def stride(self) -> int:
-        return self.config.stride or int(self.model.feature_stride)
-
-    def phases(self) -> list[Phase]:
+    def stride(self, height: int = 0, width: int = 0) -> int:
+        """The first phase's render stride: config.stride, else the encoder's, doubled (with the
+        image size given) while the map has more than config.max_feature_pixels pixels."""
         cfg = self.config
-        out = [Phase(cfg.signal, self.stride(), cfg.iters, cfg.coarse_iters, 1.0, cfg.method)]
+        s = cfg.stride or int(self.model.feature_stride)
+        while cfg.max_feature_pixels > 0 and height and (height // s) * (width // s) > cfg.max_feature_pixels:
+            s *= 2
+        return s
+
+    def phases(self, height: int = 0, width: int = 0) -> list[Phase]:
+        cfg = self.config
+        out = [Phase(cfg.signal, self.stride(height, width), cfg.iters, cfg.coarse_iters, 1.0, cfg.method)]
         if cfg.polish_iters > 0:
             for level in reversed(range(max(1, cfg.polish_levels))):
                 out.append(Phase("rgb", cfg.polish_stride * 2**level, cfg.polish_iters, 0, cfg.polish_lr_fraction,
@@ -92,7 +98,10 @@ class Refiner:
             return F.interpolate(x, size=(h, w), mode="area")
         with section("encoder"):
             feats = self.model.encode_images(x)
-        if feats.shape[-2:] != (h, w):
+        factor = feats.shape[-1] // max(w, 1)
+        if factor > 1 and feats.shape[-2:] == (h * factor, w * factor):  # a coarser stride: average
+            feats = F.avg_pool2d(feats, factor)
+        elif feats.shape[-2:] != (h, w):
             feats = F.interpolate(feats, size=(h, w), mode="bilinear", align_corners=False)
         return feats
 
@@ -188,7 +197,7 @@ class Refiner:
         dev = self.device
         K = torch.as_tensor(K_np, dtype=torch.float32, device=dev)
         init = torch.as_tensor(init_np, dtype=torch.float32, device=dev)
-        phases = self.phases()
+        phases = self.phases(H, W)
         delta = torch.zeros(B, 6, device=dev)  # se(3) increment on the initial pose, per query
         failed = torch.zeros(B, dtype=torch.bool)
         iters = torch.zeros(B, dtype=torch.long)
@@ -261,8 +270,12 @@ class Refiner:
         fine = phases[-1].stride
         finest = self.encode_queries(images, "rgb", fine)
         subset = cfg.polish_method in ("lm", "direct") and 0 < cfg.polish_rays < (H // fine) * (W // fine)
+        judge = fine  # the judge's grid: the finest, coarsened to at most polish_judge_pixels pixels
+        while cfg.polish_judge_pixels > 0 and (H // judge) * (W // judge) > cfg.polish_judge_pixels:
+            judge *= 2
+        judged = finest if judge == fine else self.encode_queries(images, "rgb", judge)
         converged = torch.zeros(delta.shape[0], dtype=torch.bool)
-        with self._undone_unless_lower(K, base, delta, failed, finest, H, W, fine, "rgb") if subset else nullcontext():
+        with self._undone_unless_lower(K, base, delta, failed, judged, H, W, judge, "rgb") if subset else nullcontext():
             for n, phase in enumerate(phases):
                 target = finest if phase.stride == fine else self.encode_queries(images, phase.signal, phase.stride)
                 report = progress if n == len(phases) - 1 else None
