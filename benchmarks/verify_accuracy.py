@@ -2,7 +2,7 @@
 
     python benchmarks/verify_accuracy.py --run RUN --data DATA --out results.json \
         [--rot-deg 5:10 --trans 0.1:0.3 | --trans-frac 0.02:0.05 | --init POSES.txt] [--limit N] [--batch B]
-        [--config '{...}']
+        [--preset NAME] [--config '{...}']
 
 Perturbs the split's ground-truth poses (seeded; --trans in the scene's units, or --trans-frac
 as a fraction of the median camera distance to the scene centre), refines them as `fastnefes
@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--config", default="{}", help="RefineConfig overrides as JSON")
+    ap.add_argument("--preset", default="default", help="RefineConfig preset (fastnefes refine --preset)")
+    ap.add_argument("--config", default="{}", help="RefineConfig overrides as JSON, over the preset")
     ap.add_argument("--within", type=lambda t: tuple(float(v) for v in t.split(":")), default=(0.05, 5.0),
                     help="recall thresholds TRANS:DEG (scene units, degrees)")
     ap.add_argument("--device", default="auto")
@@ -86,7 +87,7 @@ def main() -> None:
         init = np.stack([given[n] for n in names])
     else:
         init = perturb_poses(gt, _range(args.rot_deg), trans, seed=args.seed)
-    cfg = RefineConfig.from_dict({**RefineConfig().to_dict(), **json.loads(args.config)})
+    cfg = RefineConfig.preset(args.preset, **json.loads(args.config))
     raw_cfg = replace(cfg, verify_rays=0)  # the refiner's own loss checks stay; the pixel check comes after
     t0 = time.perf_counter()
     result = refine_split(model, scene, args.split, dict(zip(names, init)), raw_cfg, batch=args.batch)

@@ -60,6 +60,19 @@ def query_views(scene, n=None):
     return np.stack([scene.image(i) for i in test]), scene.K[test], scene.c2w[test]
 
 
+def field_views(model, K, c2w, hw):
+    """[B, H, W, 3] uint8: the field's own renders at c2w [B, 4, 4] (K [B, 3, 3], hw (H, W)). The
+    tiny field is too coarse to have its minima at the truth on the real test images
+    (tests/test_refine.py's xfail); on its own renders it has, so refinement must reach the truth."""
+    from fastnefes.render import render_image
+
+    H, W = (int(v) for v in hw)
+    with torch.no_grad():
+        rgb = render_image(model, torch.tensor(K, dtype=torch.float32), torch.tensor(c2w, dtype=torch.float32),
+                           H, W, fused=False)["rgb"]
+    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+
+
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`fastnefes ARGS` in this process (as the console script runs it): exit code, stdout, stderr."""
     from fastnefes.cli import main

@@ -49,7 +49,9 @@ def test_refine_presets_and_config_files(monkeypatch, capsys, tmp_path):
     assert RefineConfig.preset("default").to_dict() == RefineConfig().to_dict()
     fast = RefineConfig.preset("fast")
     assert fast.iters < RefineConfig().iters and fast.polish_iters < RefineConfig().polish_iters
-    assert RefineConfig.preset("lm").method == "lm" and set(PRESETS) == {"default", "fast", "lm"}
+    assert RefineConfig.preset("lm").method == "lm" and set(PRESETS) == {"default", "fast", "lm", "direct"}
+    direct = RefineConfig.preset("direct")
+    assert direct.method == "direct" and direct.polish_method == "direct" and direct.iters < 20
     cfg = checked_config({"iters": 7, "loss": "robust"}, "f.json", base=RefineConfig.preset("fast"))
     assert cfg.iters == 7 and cfg.loss == "robust" and cfg.polish_iters == fast.polish_iters
     for bad, needle in (({"iterz": 1}, "iterz"), ({"iters": 1.5}, "iters"), ({"loss": "l3"}, "loss"),

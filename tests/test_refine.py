@@ -16,7 +16,7 @@ from fastnefes.refine import RefineConfig, Refiner
 from fastnefes.refine.losses import feature_metric_loss
 from fastnefes.refine.optim import BatchedAdam
 
-from conftest import query_views
+from conftest import field_views, query_views
 
 
 def test_batched_adam_rows_are_independent_and_frozen_rows_do_not_move():
@@ -47,17 +47,6 @@ def test_feature_losses():
         feature_metric_loss(a, a, "l3")
 
 
-def _field_views(model, K, c2w, hw) -> np.ndarray:
-    """[B, H, W, 3] uint8: the field's own renders at c2w (queries it can explain exactly)."""
-    from fastnefes.render import render_image
-
-    H, W = (int(v) for v in hw)
-    with torch.no_grad():
-        rgb = render_image(model, torch.tensor(K, dtype=torch.float32), torch.tensor(c2w, dtype=torch.float32),
-                           H, W, fused=False)["rgb"]
-    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 def test_refinement_reduces_every_error(tiny_run, tiny_scene, seed):
     """The whole pipeline (search, feature phase, RGB polish, verification) from 5 cm / 3 deg,
@@ -65,7 +54,7 @@ def test_refinement_reduces_every_error(tiny_run, tiny_scene, seed):
     must end closer, and by a wide margin (the tiny field's own accuracy limit is the next test)."""
     _, model = tiny_run
     _, K, gt = query_views(tiny_scene)
-    images = _field_views(model, K, gt, tiny_scene.hw[0])
+    images = field_views(model, K, gt, tiny_scene.hw[0])
     init = perturb_poses(gt, 3.0, 0.05, seed=seed)
     res = Refiner(model, RefineConfig()).refine(images, K, init)
     t0, r0 = pose_errors(init, gt)

@@ -16,7 +16,7 @@ from fastnefes.geometry import perturb_poses, pose_errors, read_poses, se3_exp, 
 from fastnefes.refine.sequence import natural_key, tracking_segments
 from fastnefes.refine.track import TRACK_FRAME, refine_config
 
-from conftest import run_main
+from conftest import field_views, run_main
 
 N_FRAMES = 10
 # Settings for the 64 x 48 images (TRACK_FRAME's strides are for 160 x 120): the polish on every
@@ -130,21 +130,6 @@ def test_synthetic_sequence_moves_a_few_mm_per_frame(tiny_sequence):
         synthetic_write_options("7scenes", 24, test_sequence=13)
 
 
-def _field_views(model, K, c2w, hw) -> np.ndarray:
-    """[B, H, W, 3] uint8: the field's own renders at c2w. The tiny field is too coarse to have
-    its minima at the truth on the real images (tests/test_refine.py's xfail); on its own renders
-    it has, so tracking must follow the true path."""
-    import torch
-
-    from fastnefes.render import render_image
-
-    H, W = (int(v) for v in hw)
-    with torch.no_grad():
-        rgb = render_image(model, torch.tensor(K, dtype=torch.float32), torch.tensor(c2w, dtype=torch.float32),
-                           H, W, fused=False)["rgb"]
-    return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-
-
 def test_tracking_stays_within_bounds(tiny_run, tiny_sequence):
     """From a start 1 cm / 1 deg off the truth, every frame of the sequence ends within 2 cm /
     0.5 deg of it (without refinement the path turns 5 deg in these frames), and the motion model
@@ -154,7 +139,7 @@ def test_tracking_stays_within_bounds(tiny_run, tiny_sequence):
     _, model = tiny_run
     scene, _ = tiny_sequence
     test = scene.split("test")
-    views = _field_views(model, scene.K[test], scene.c2w[test], scene.hw[test[0]])
+    views = field_views(model, scene.K[test], scene.c2w[test], scene.hw[test[0]])
     tracker = Tracker(model, refine_config({**TRACK_FRAME, **TINY_FRAME}), refine_config(TINY_START), exposure_stride=4)
     tracker.start(perturb_poses(scene.c2w[test[:1]], 1.0, 0.01, seed=1)[0])
     frames = [tracker.track(view, scene.K[i]) for view, i in zip(views, test)]

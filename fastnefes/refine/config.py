@@ -93,7 +93,7 @@ class RefineConfig:
     # RGB's basin: 3 (strides 8, 4, 2) brought the room's seed-1 misses in (93% -> 100%, README).
     polish_levels: int = 3
     polish_method: str = "lm"  # "lm" (Levenberg-Marquardt), "direct" (iters = keyframe renders) or "adam"
-    direct_iters: int = 8  # method "direct": Levenberg-Marquardt iterations per keyframe (no renders)
+    direct_iters: int = 8  # method "direct": Gauss-Newton iterations per keyframe (no renders)
     polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
     # Rays fitted per query and polish level: where a level's grid has more pixels, at most this
     # many, the most textured pixel of each block of the grid (flat regions add rays, hardly any
@@ -136,7 +136,7 @@ PRESETS: dict[str, dict] = {
     "fast": {"iters": 50, "coarse_iters": 15, "polish_iters": 10, "polish_levels": 2},
     "lm": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
     "direct": {"method": "direct", "iters": 8, "coarse_iters": 0, "polish_method": "direct", "polish_iters": 6,
-               "polish_levels": 2, "lm_ftol": 1e-3, "max_feature_pixels": 1200, "polish_judge_pixels": 1200,
+               "polish_levels": 3, "max_feature_pixels": 1200, "polish_judge_pixels": 1200,
                "verify_rays": 1200},
 }
 

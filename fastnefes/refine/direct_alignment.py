@@ -33,12 +33,11 @@ from fastnefes.geometry import backproject, invert_pose, pixel_grid, se3_exp, se
 from fastnefes.refine.gauss_newton import textured_pixels
 from fastnefes.timing import section
 
-OUTSIDE_RESIDUAL2 = 4.0  # squared residual charged for a point the candidate pose sees outside the map
 
 
 def map_with_gradient(image: Tensor, stride: int) -> Tensor:
     """[B, 3C, h, w]: a map [B, C, h, w] and its image gradient d/du, d/dv (per image pixel;
-    central differences of the map), stacked for sample_map."""
+    central differences, the edges replicated), stacked for sample_map."""
     padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
     gx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / (2.0 * stride)
     gy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / (2.0 * stride)
@@ -92,8 +91,9 @@ def warp_equations(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points:
         points: [B, N, 3] world points of the keyframe's pixels; values: [B, N, C] rendered there.
         valid: [B, N] bool, pixels with a surface; scale2: [B] squared Cauchy scale.
     Returns:
-        loss [B] (mean Cauchy penalty over the valid points, a point seen outside the map charged
-        OUTSIDE_RESIDUAL2), J^T W J [B, 6, 6] and J^T W r [B, 6] for a local increment
+        loss [B] (mean Cauchy penalty over the valid points; a point the candidate sees outside the
+        map, or behind it, is charged the keyframe's median residual, scale2 / 2: leaving the
+        view neither pays nor costs, as the first step off a keyframe's border must not), J^T W J [B, 6, 6] and J^T W r [B, 6] for a local increment
         P -> P @ se3_exp(step) (rotation first).
     """
     w2c = invert_pose(poses)
@@ -105,8 +105,8 @@ def warp_equations(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points:
     sampled, du, dv, inside = sample_map(stack, uv, stride)
     residual = sampled - values
     seen = valid & front & inside
-    r2 = torch.where(seen, residual.pow(2).sum(-1), torch.full_like(residual[..., 0], OUTSIDE_RESIDUAL2))
     c2 = scale2[:, None]
+    r2 = torch.where(seen, residual.pow(2).sum(-1), (0.5 * c2).expand_as(seen))
     loss = (torch.log1p(r2 / c2) * valid).sum(1) / valid.sum(1).clamp_min(1) * scale2
     weight = (seen / (1.0 + r2 / c2)).to(residual.dtype)  # IRLS weights of the Cauchy penalty
     # J = g @ P per channel (g = [du, dv] the map's gradient, P = d(u, v) / d step), so
@@ -124,7 +124,7 @@ def unit(x: Tensor, dim: int) -> Tensor:
 
 def keyframe_pixels(query: Tensor, height: int, width: int, stride: int, signal: str, max_rays: int) -> Tensor:
     """[B, N, 2] image coordinates a phase renders its keyframes at. Features: every pixel of the
-    stride grid (the Feature Fusion module needs the whole map). RGB: at most max_rays (0: all),
+    stride grid (the Feature Fusion module needs the whole map, a regular grid). RGB: at most max_rays (0: all),
     the most textured of each block of the query map [B, C, h, w] (the pose is close, so the
     query's texture marks the keyframe's)."""
     B = query.shape[0]
@@ -138,7 +138,9 @@ def render_keyframe(model, K: Tensor, c2w: Tensor, pixels: Tensor, stack: Tensor
     """The field at poses c2w [B, 4, 4] through pixels [B, N, 2] (keyframe_pixels), no gradients:
     (world points [B, N, 3], values [B, N, C] (unit vectors for features), valid [B, N] bool,
     squared residuals [B, N] and loss [B] against the query's map (stack: map_with_gradient):
-    the cosine loss for features, the mean squared error per channel for RGB)."""
+    the cosine loss for features, the mean squared error per channel for RGB). Each keyframe
+    marches its rays afresh: surface-band sampling (fastnefes.refine.surface) measured slower
+    here, since keyframes move farther apart than the band follows."""
     from fastnefes.render import render_pixels
 
     B = c2w.shape[0]
@@ -164,46 +166,33 @@ def clipped(step: Tensor, bound: Tensor) -> Tensor:
 
 
 def solve_on_keyframe(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points: Tensor, values: Tensor,
-                      valid: Tensor, r2: Tensor, iters: int, tol: Tensor, max_step: Tensor, damping: float,
-                      ftol: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Levenberg-Marquardt on the warp residual from the keyframe poses [B, 4, 4] (render_keyframe's
+                      valid: Tensor, r2: Tensor, iters: int, tol: Tensor, max_step: Tensor, damping: float
+                      ) -> tuple[Tensor, Tensor]:
+    """Damped Gauss-Newton on the warp residual from the keyframe poses [B, 4, 4] (render_keyframe's
     points, values, valid, r2; stack: the query maps, map_with_gradient).
 
-    An evaluation costs a grid_sample, so the loop is kept lean: every query steps in lockstep
-    (no gathering of rows), a step is kept where it lowers the query's loss (the damping then
-    shrinks, else grows, relative to diag(J^T J) as Marquardt's scaling), steps fit the trust
-    region max_step [6], and the loop ends when every query's last kept step was within tol [6]
-    or gained less than ftol of its loss. Returns ([B, 6] the solved increment on poses, [B]
-    bool failed: a non-finite loss or normal equations at the keyframe).
+    The warp is only a model of the next render (its depth, occlusions and the bilinear
+    interpolant's kinks at the keyframe's pixel centres are approximations), so its steps are
+    not judged here: the renders judge the solves (direct_alignment_phase's trust region). Every
+    query steps in lockstep (an evaluation is a grid_sample: no gathering of rows), damped by
+    `damping` times diag(J^T J) (Marquardt's scaling), each step fitted to max_step [6], until
+    every query's step is within tol [6]. Returns ([B, 6] the solved increment on poses, [B] bool
+    failed: non-finite normal equations).
     """
     scale2 = cauchy_scale(r2, valid)
-
-    def evaluate(candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return warp_equations(stack, stride, K, candidates, points, values, valid, scale2)
-
     B, dev = poses.shape[0], poses.device
-    total = torch.zeros(B, 6, device=dev)  # the solved increment, composed step by step
-    loss, A, g = evaluate(poses)
-    failed = ~torch.isfinite(loss) | ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(g).all(1)
-    lam = torch.full((B,), damping, device=dev)
-    done = failed.clone()
     current = poses
+    failed = torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(iters):
+        _, A, g = warp_equations(stack, stride, K, current, points, values, valid, scale2)
+        failed |= ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(g).all(1)
         diag = torch.diagonal(A, dim1=1, dim2=2).clamp_min(1e-12)
-        system = (A + torch.diag_embed(lam[:, None] * diag)).double()
-        step = -torch.linalg.solve(system, g.double()[..., None])[..., 0].float()
-        step = clipped(torch.nan_to_num(step), max_step.expand_as(step))
-        candidate = current @ se3_exp(step)
-        new_loss, new_A, new_g = evaluate(candidate)
-        better = (new_loss < loss) & torch.isfinite(new_A).flatten(1).all(1) & torch.isfinite(new_g).all(1) & ~done
-        gain = loss - new_loss
-        current = torch.where(better[:, None, None], candidate, current)
-        loss = torch.where(better, new_loss, loss)
-        A = torch.where(better[:, None, None], new_A, A)
-        g = torch.where(better[:, None], new_g, g)
-        lam = torch.where(better, (lam / 3).clamp_min(1e-7), lam * 4)
-        done |= better & (((step.abs() <= tol).all(1)) | (gain <= ftol * new_loss)) | (lam > 1e6)
-        if bool(done.all()):
+        system = (A + torch.diag_embed(damping * diag)).double()
+        step = -torch.linalg.solve(system, torch.nan_to_num(g).double()[..., None])[..., 0].float()
+        step = clipped(torch.where(failed[:, None], torch.zeros_like(step), torch.nan_to_num(step)),
+                       max_step.expand_as(step))
+        current = current @ se3_exp(step)
+        if bool((step.abs() <= tol).all()):
             break
     total = se3_log(torch.linalg.inv(poses) @ current)
     return torch.where(failed[:, None], torch.zeros_like(total), total), failed.cpu()
@@ -232,7 +221,7 @@ def cauchy_scale(r2: Tensor, valid: Tensor) -> Tensor:
 def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height: int, width: int, stride: int,
                            signal: str, renders: int, iters: int, delta: Tensor, failed: Tensor, counts: Tensor,
                            tol: Tensor, max_step: Tensor, damping: float = 1e-2, max_rays: int = 0,
-                           progress: Optional[Callable[[int], None]] = None, ftol: float = 0.0,
+                           progress: Optional[Callable[[int], None]] = None,
                            pixel_tol: float = 0.03, reach: float = 4.0, max_halvings: int = 3) -> Tensor:
     """Direct alignment of queries against keyframes rendered at their current poses.
 
@@ -284,15 +273,15 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         radius[rd[~stop.to(dev)]] = (radius[rd[~stop.to(dev)]] * 2).clamp(max=reach)
         if bool(back.any()):
             b = rd[back]
-            current[b] = best_pose[b] @ se3_exp(clipped(se3_log(torch.linalg.inv(best_pose[b]) @ current[b]),
-                                                        max_step * radius[b, None]))
+            towards = 0.5 * se3_log(torch.linalg.inv(best_pose[b]) @ current[b])  # at least halfway back
+            current[b] = best_pose[b] @ se3_exp(clipped(towards, max_step * radius[b, None]))
             halvings[b.cpu()] += 1
         go = (~stop).to(dev)
         if bool(go.any()):
             g = rd[go]
             with section("direct_solve"):
                 moved, solve_failed = solve_on_keyframe(stack[g], stride, K[g], current[g], points[go], values[go],
-                                                        valid[go], r2[go], iters, tol, max_step, damping, ftol)
+                                                        valid[go], r2[go], iters, tol, max_step, damping)
             moved = clipped(moved, max_step * radius[g, None])
             shift = mean_shift(K[g], current[g], moved, points[go], valid[go])
             small = ((moved.abs() <= tol).all(1) | (shift <= pixel_tol * stride)).cpu()

@@ -102,7 +102,7 @@ def direct_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, it
         converged = direct_alignment_phase(refiner.model, K, init, level_target, H, W, phase.stride * factor,
                                            phase.signal, count, cfg.direct_iters, delta, failed, iters,
                                            tolerance(refiner), max_step(refiner, phase.signal), cfg.lm_damping,
-                                           cfg.polish_rays if phase.signal == "rgb" else 0, report, cfg.lm_ftol)
+                                           cfg.polish_rays if phase.signal == "rgb" else 0, report)
     return converged
 
 

@@ -265,11 +265,14 @@ class Refiner:
         returns converged [B]. Each only keeps what lowers its loss: an Adam phase is undone for a
         query whose loss it did not lower, an LM phase keeps only such steps, and LM phases that
         fit a subset of the rays (polish_rays) are judged together on every pixel of the finest
-        grid, since lowering the subset's loss can raise the other pixels'."""
+        grid, since lowering the subset's loss can raise the other pixels'. Direct phases are
+        always judged together: each keeps its own level's best keyframe, and a coarse level's
+        best can be a finer level's worse."""
         cfg = self.config
         fine = phases[-1].stride
         finest = self.encode_queries(images, "rgb", fine)
-        subset = cfg.polish_method in ("lm", "direct") and 0 < cfg.polish_rays < (H // fine) * (W // fine)
+        subset = (cfg.polish_method == "direct"
+                  or (cfg.polish_method == "lm" and 0 < cfg.polish_rays < (H // fine) * (W // fine)))
         judge = fine  # the judge's grid: the finest, coarsened to at most polish_judge_pixels pixels
         while cfg.polish_judge_pixels > 0 and (H // judge) * (W // judge) > cfg.polish_judge_pixels:
             judge *= 2
