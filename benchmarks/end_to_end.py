@@ -69,7 +69,7 @@ def main() -> None:
     c2w = torch.tensor(scene.c2w[q : q + 1], dtype=torch.float32)
     H, W = image.shape[1:3]
     refiner = Refiner(model, RefineConfig())
-    stride = refiner.stride()
+    stride = refiner.stride(H, W)
     pixels = pixel_grid(H, W, 2).reshape(-1, 2)
 
     def train_step():

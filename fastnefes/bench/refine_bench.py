@@ -70,7 +70,7 @@ def iteration_breakdown(refiner: Refiner, image: np.ndarray, K: np.ndarray, init
     H, W = image.shape[1:3]
     Kt = torch.as_tensor(K, dtype=torch.float32, device=device)
     init_t = torch.as_tensor(init, dtype=torch.float32, device=device)
-    stride = refiner.stride()
+    stride = refiner.stride(H, W)
     target, enc_s = timed(lambda: refiner.encode_queries(image, "features", stride), device)
     no_stop = Refiner(refiner.model, replace(refiner.config, patience=10**9, tol_rot_deg=0.0, tol_trans=0.0))
     method = refiner.config.method

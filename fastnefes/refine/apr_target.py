@@ -24,8 +24,8 @@ def refine_apr_weights(refiner, image, K_np, apr) -> RefineResult:
     H, W = image.shape[1:3]
     dev = refiner.device
     K = torch.as_tensor(K_np, dtype=torch.float32, device=dev)
-    target = refiner.encode_queries(image)
-    stride = refiner.stride()
+    stride = refiner.stride(H, W)
+    target = refiner.encode_queries(image, stride=stride)
     local = copy.deepcopy(apr).to(dev).eval()
     x = prepare_images(image, local.image_hw).to(dev)
     opt = torch.optim.Adam(local.parameters(), lr=cfg.lr_apr)
