@@ -87,7 +87,7 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
     assert "per-iteration breakdown" in out and "field_forward" in out
     result = json.loads(refine_json.read_text())
     assert list(result["archs"]) == ["hash", "mlp"]  # hash first whichever run was the argument
-    assert list(result["rows"]) == ["hash default", "hash fast", "mlp default"]
+    assert list(result["rows"]) == ["hash default", "hash direct", "mlp default"]
     for label, row in result["rows"].items():
         assert row["arch"] == label.split()[0] and row["preset"] == label.split()[1]
         lat = row["latency_ms"]
@@ -96,7 +96,7 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
         assert 1 <= b["iterations"] <= 2 and b["feature_map"] == [36 // 4, 48 // 4]
         assert sum(b["sections_ms"].values()) == pytest.approx(b["iteration_ms"], rel=0.02)
         assert b["sections_ms"]["field_forward"] > 0
-        # Adam differentiates the loss backwards; Levenberg-Marquardt takes forward tangents
+        # Adam differentiates the loss backwards; direct alignment renders without gradients
         assert (b["sections_ms"]["backward"] > 0) == (b["method"] == "adam")
         assert [t["batch"] for t in row["throughput"]] == [1, 2] and all(t["queries_per_s"] > 0 for t in row["throughput"])
         assert 0.05 <= row["error_before"]["median_trans"] <= 0.1
@@ -104,7 +104,7 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
     for key in ("ratios", "end_to_end", "presets"):
         assert key in result
     assert result["ratios"]["iteration_time"] > 0 and result["end_to_end"]["latency_p50"] > 0
-    assert list(result["presets"]) == ["hash fast"]
+    assert list(result["presets"]) == ["hash direct"]
 
     # The suite's markdown table renders from these two files (what the README quotes).
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -113,7 +113,7 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
     finally:
         sys.path.pop(0)
     md = markdown(json.loads(train_json.read_text()), result)
-    assert "| mlp / hash, same preset |" in md and "| hash fast / hash default |" in md and "| field_forward |" in md and "queries/s @2" in md
+    assert "| mlp / hash, same preset |" in md and "| hash direct / hash default |" in md and "| field_forward |" in md and "queries/s @2" in md
 
 
 def test_gpu_check_script_parses():

@@ -1,5 +1,5 @@
 """`fastnefes bench refine`: per-query latency, a per-iteration breakdown, batched throughput and
-the accuracy after refinement, for refinement presets side by side (default and fast by
+the accuracy after refinement, for refinement presets side by side (default and direct by
 default) and for a baseline run of the other arch.
 
 Every row sees the same queries (the split's first `queries` views) from the same perturbed
@@ -41,7 +41,7 @@ class RefineBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     throughput_iters: Optional[int] = None  # feature iterations in the throughput runs (None: the config's)
     throughput_polish: bool = True  # False: throughput of the feature phase alone (no photometric polish)
-    presets: tuple[str, ...] = ("default", "fast")  # rows of the run's arch (RefineConfig.preset)
+    presets: tuple[str, ...] = ("default", "direct")  # rows of the run's arch (RefineConfig.preset)
     baseline_preset: str = "default"  # the row of the baseline arch
     within: tuple[float, float] = (0.05, 5.0)  # recall thresholds: dataset units, degrees
     refine: dict[str, Any] = field(default_factory=dict)  # RefineConfig overrides for every row

@@ -4,7 +4,7 @@ Adam and the render-side Levenberg-Marquardt differentiate the field at every it
 render (and its backward or forward-tangent pass) per step. Direct alignment, as in direct
 visual odometry and PixLoc, renders the field once at the current pose (the keyframe: values
 and depth per pixel, no gradients), lifts those pixels to 3D with the rendered depth, and then
-solves for the query camera by Levenberg-Marquardt on the residual
+solves for the query camera by damped Gauss-Newton on the residual
 
     r_i(Q) = query(project(Q^-1 X_i)) - rendered_i
 
@@ -12,8 +12,9 @@ where query() samples the query's own map (features, or colours) bilinearly. The
 the query map's image gradient times the projection's derivative: closed form, no field in the
 loop, so an iteration costs a grid_sample of a few thousand points. The keyframe is then
 rendered again at the solved pose (it corrects the depth and the occlusions the warp assumed),
-a few times per level; each query keeps the keyframe pose whose rendered loss was lowest, so
-the phase never returns a pose its own renders judged worse.
+a few times per level, a trust region over keyframes judged by their renders; each query keeps
+the keyframe pose whose rendered loss was lowest, so the phase never returns a pose its own
+renders judged worse.
 
 Features are compared as unit vectors: |a - b|^2 = 2 - 2 cos(a, b), so the squared residual is
 NeFeS's cosine loss. Residuals carry Cauchy weights (occluders, regions the field renders badly)
@@ -166,8 +167,8 @@ def clipped(step: Tensor, bound: Tensor) -> Tensor:
 
 
 def solve_on_keyframe(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points: Tensor, values: Tensor,
-                      valid: Tensor, r2: Tensor, iters: int, tol: Tensor, max_step: Tensor, damping: float
-                      ) -> tuple[Tensor, Tensor]:
+                      valid: Tensor, r2: Tensor, iters: int, tol: Tensor, max_step: Tensor, damping: float,
+                      stop_px: float = 0.0) -> tuple[Tensor, Tensor]:
     """Damped Gauss-Newton on the warp residual from the keyframe poses [B, 4, 4] (render_keyframe's
     points, values, valid, r2; stack: the query maps, map_with_gradient).
 
@@ -176,13 +177,19 @@ def solve_on_keyframe(stack: Tensor, stride: int, K: Tensor, poses: Tensor, poin
     not judged here: the renders judge the solves (direct_alignment_phase's trust region). Every
     query steps in lockstep (an evaluation is a grid_sample: no gathering of rows), damped by
     `damping` times diag(J^T J) (Marquardt's scaling), each step fitted to max_step [6], until
-    every query's step is within tol [6]. Returns ([B, 6] the solved increment on poses, [B] bool
+    every query's step is within tol [6] or moves the image by at most stop_px pixels. Returns ([B, 6] the solved increment on poses, [B] bool
     failed: non-finite normal equations).
     """
     scale2 = cauchy_scale(r2, valid)
     B, dev = poses.shape[0], poses.device
     current = poses
     failed = torch.zeros(B, dtype=torch.bool, device=dev)
+    # A step's image motion, bounded: f |w| + f |v| / z (z the keyframe's median depth).
+    w2c = invert_pose(poses)
+    z = (points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3])[..., 2]
+    z_med = torch.nanmedian(torch.where(valid & (z > 0), z, torch.full_like(z, math.nan)), 1).values
+    focal = K[:, 0, 0]
+    inv_depth = 1.0 / torch.nan_to_num(z_med, nan=1.0).clamp_min(1e-6)
     for _ in range(iters):
         _, A, g = warp_equations(stack, stride, K, current, points, values, valid, scale2)
         failed |= ~torch.isfinite(A).flatten(1).all(1) | ~torch.isfinite(g).all(1)
@@ -192,7 +199,8 @@ def solve_on_keyframe(stack: Tensor, stride: int, K: Tensor, poses: Tensor, poin
         step = clipped(torch.where(failed[:, None], torch.zeros_like(step), torch.nan_to_num(step)),
                        max_step.expand_as(step))
         current = current @ se3_exp(step)
-        if bool((step.abs() <= tol).all()):
+        moves = focal * (step[:, :3].norm(dim=1) + step[:, 3:].norm(dim=1) * inv_depth)
+        if bool(((step.abs() <= tol).all(1) | (moves <= stop_px)).all()):
             break
     total = se3_log(torch.linalg.inv(poses) @ current)
     return torch.where(failed[:, None], torch.zeros_like(total), total), failed.cpu()
@@ -229,12 +237,15 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         K: [B, 3, 3]; init: [B, 4, 4] poses that delta [B, 6] (updated in place) is an increment on.
         query: [B, C, h, w] the queries' maps at stride (features or colours).
         signal: "features" or "rgb"; renders: keyframe renders per query at most (the last one
-            judges the final solve); iters: Levenberg-Marquardt iterations per keyframe.
+            judges the final solve); iters: Gauss-Newton iterations per keyframe.
         failed [B] is marked on non-finite values; counts [B] counts renders.
         tol [6]: a solve moving less than this (each coordinate), or moving the keyframe's points
             by less than pixel_tol map pixels on average, ends the query, converged (a
             finer level or the next phase takes over from there).
-        max_step [6]: trust region of one Levenberg-Marquardt step.
+        max_step [6]: trust region of one Gauss-Newton step; a keyframe's whole solve moves at
+            most max_step times a radius in [.., reach] that doubles after a better keyframe
+            and shrinks 4x (the query pulled back towards its best pose) after a worse one,
+            at most max_halvings times.
         max_rays: rgb only, the most keyframe pixels per query (0: every pixel of the grid).
     Returns:
         [B] bool, the queries that converged.
@@ -254,9 +265,8 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         if rows.numel() == 0:
             break
         rd = rows.to(dev)
-        with section("keyframe_render"):
-            points, values, valid, r2, loss = render_keyframe(model, K[rd], current[rd], pixels[rd], stack[rd],
-                                                              height, width, stride, signal)
+        points, values, valid, r2, loss = render_keyframe(model, K[rd], current[rd], pixels[rd], stack[rd],
+                                                          height, width, stride, signal)
         counts[rows] += 1
         bad = ~torch.isfinite(loss).cpu()
         better = (loss < best_loss[rd]).cpu() & ~bad
@@ -279,9 +289,10 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         go = (~stop).to(dev)
         if bool(go.any()):
             g = rd[go]
-            with section("direct_solve"):
+            with section("optimizer_step"):
                 moved, solve_failed = solve_on_keyframe(stack[g], stride, K[g], current[g], points[go], values[go],
-                                                        valid[go], r2[go], iters, tol, max_step, damping)
+                                                        valid[go], r2[go], iters, tol, max_step, damping,
+                                                        0.1 * pixel_tol * stride)
             moved = clipped(moved, max_step * radius[g, None])
             shift = mean_shift(K[g], current[g], moved, points[go], valid[go])
             small = ((moved.abs() <= tol).all(1) | (shift <= pixel_tol * stride)).cpu()
