@@ -9,10 +9,9 @@ Without --data it synthesises the default room (`fastnefes synth room --format 7
 --work. It trains `--warmup` steps (so the occupancy grid has been thresholded and has emptied),
 snapshots the trainer, then trains two copies of the snapshot `--steps` steps further, one with
 FASTNEFES_OCCGRID_BACKEND=torch and one with =native, alternating step by step, for each --threads
-count, plus a third copy as the step was before the native march and the fused Adam ("today":
-the torch march and torch's multi-tensor Adam). Reported per thread count: median step time per
-copy, the median time spent inside the march per step, the end-to-end ratios (of the medians, and
-the median of the step-by-step ratios), and the largest differences between the copies' losses. `--clock cpu` times the process's
+count. Reported per thread count: median step time per backend, the median time spent inside the
+march per step, the end-to-end ratios (of the medians, and the median of the step-by-step ratios),
+and the largest difference between the two copies' losses. `--clock cpu` times the process's
 CPU time instead of wall time: with `--threads 1` on a machine shared with other jobs it excludes
 the time other processes hold the core.
 """
@@ -35,9 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastnefes.io import write_json  # noqa: E402
 from fastnefes.ops._allocator import keep_freed_memory_in_heap  # noqa: E402
 
-# The copies compared: name -> (march backend, fused Adam). "today": the step as it was before the
-# native march and the fused Adam (pure-torch march, multi-tensor Adam).
-VARIANTS = {"torch": ("torch", True), "native": ("native", True), "today": ("torch", False)}
+BACKENDS = ("torch", "native")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock_fn = CLOCKS["wall"]
 
@@ -145,57 +142,32 @@ def compare(snapshot, rng: torch.Tensor, clock: MarchClock, threads: int, steps:
     see the same machine load): two copies of the trainer, each with its own random state, so
     each copy draws exactly what it would draw alone."""
     torch.set_num_threads(threads)
-    runs = {name: {"trainer": copy.deepcopy(snapshot), "rng": rng.clone(), "step": [], "march": [], "loss": []}
-            for name in VARIANTS}
-    for name, (_, fused) in VARIANTS.items():
-        if not fused:
-            unfuse_adam(runs[name]["trainer"])
-    names = tuple(VARIANTS)
+    runs = {b: {"trainer": copy.deepcopy(snapshot), "rng": rng.clone(), "step": [], "march": [], "loss": []}
+            for b in BACKENDS}
     for i in range(steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            run = runs[name]
-            os.environ["FASTNEFES_OCCGRID_BACKEND"] = VARIANTS[name][0]
+        for backend in (BACKENDS if i % 2 == 0 else BACKENDS[::-1]):
+            run = runs[backend]
+            os.environ["FASTNEFES_OCCGRID_BACKEND"] = backend
             torch.set_rng_state(run["rng"])
             step_s, march_s, loss = run_steps(run["trainer"], 1, clock)
             run["rng"] = torch.get_rng_state()
             run["step"] += step_s
             run["march"] += march_s
             run["loss"] += loss
-    med = {name: {k: statistics.median(runs[name][k]) * 1e3 for k in ("step", "march")} for name in VARIANTS}
-
-    def paired(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(runs[a]["step"], runs[b]["step"]))
-
-    def loss_diff(a: str, b: str) -> float:
-        return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(runs[a]["loss"], runs[b]["loss"]))
-
+    med = {b: {k: statistics.median(runs[b][k]) * 1e3 for k in ("step", "march")} for b in BACKENDS}
+    pairs = [a / b for a, b in zip(runs["torch"]["step"], runs["native"]["step"])]
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(runs["native"]["loss"], runs["torch"]["loss"]))
     result = {"threads": threads, "steps": steps, "median_ms": med,
               "step_ratio_torch_over_native": med["torch"]["step"] / med["native"]["step"],
-              "median_paired_step_ratio": paired("torch", "native"),
+              "median_paired_step_ratio": statistics.median(pairs),
               "march_ratio_torch_over_native": med["torch"]["march"] / med["native"]["march"],
-              "step_ratio_today_over_native": med["today"]["step"] / med["native"]["step"],
-              "median_paired_today_ratio": paired("today", "native"),
-              "max_relative_loss_difference": loss_diff("native", "torch"),
-              "max_relative_loss_difference_today": loss_diff("native", "today")}
+              "max_relative_loss_difference": loss_diff}
     print(f"{threads} threads, {steps} steps: step torch {med['torch']['step']:.0f} ms, native "
           f"{med['native']['step']:.0f} ms -> {result['step_ratio_torch_over_native']:.2f}x end to end (median of "
           f"step-by-step ratios {result['median_paired_step_ratio']:.2f}x); march torch {med['torch']['march']:.1f} ms, "
           f"native {med['native']['march']:.2f} ms -> {result['march_ratio_torch_over_native']:.1f}x; largest "
-          f"relative loss difference {result['max_relative_loss_difference']:.2e}; against today's step (torch "
-          f"march, multi-tensor Adam) {med['today']['step']:.0f} ms -> {result['step_ratio_today_over_native']:.2f}x "
-          f"(paired {result['median_paired_today_ratio']:.2f}x, losses within "
-          f"{result['max_relative_loss_difference_today']:.1e})", flush=True)
+          f"relative loss difference {loss_diff:.2e}", flush=True)
     return result
-
-
-def unfuse_adam(trainer) -> None:
-    """The trainer's Adam replaced by the multi-tensor implementation, same state and settings."""
-    fused = trainer.optimizer
-    plain = torch.optim.Adam([{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in fused.param_groups])
-    plain.load_state_dict(fused.state_dict())
-    for group in plain.param_groups:  # load_state_dict restored the saved groups' fused flag
-        group["fused"], group["foreach"] = None, None
-    trainer.optimizer = plain
 
 
 if __name__ == "__main__":

@@ -70,17 +70,7 @@ def build_optimizer(model: FeatureFieldModel, cfg: TrainConfig) -> torch.optim.A
         wd = cfg.weight_decay_mlp if name in ("mlp", "feature") else 0.0
         param_groups.append({"params": groups[name], "lr": getattr(cfg, lr_field), "weight_decay": wd, "name": name})
     # eps 1e-15 for the hash table (instant-ngp): rarely touched entries still move.
-    return fused_adam(param_groups, betas=(0.9, 0.99), eps=1e-15)
-
-
-def fused_adam(params, **settings) -> torch.optim.Adam:
-    """Adam as one fused kernel over every parameter where this torch has one for their device
-    (CPU since torch 2.4; 8x faster than the default multi-tensor Adam on the 1.8M parameters of
-    the default field on a CPU), else the default implementation (the same update)."""
-    try:
-        return torch.optim.Adam(params, fused=True, **settings)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for these tensors here
-        return torch.optim.Adam(params, **settings)
+    return torch.optim.Adam(param_groups, betas=(0.9, 0.99), eps=1e-15)
 
 
 def resolve_device(name: str) -> torch.device:
