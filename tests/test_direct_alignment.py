@@ -119,7 +119,7 @@ def test_direct_preset_refines_the_tiny_field(tiny_run, tiny_scene, seed):
     t1, r1 = pose_errors(result.poses, gt)
     refined = np.array([d.status in ("converged", "max_iters") for d in result.diagnostics])
     assert refined.sum() >= len(gt) - 1, [d.status for d in result.diagnostics]
-    assert np.all(t1[refined] < 0.7 * t0[refined]) and np.all(r1[refined] < 0.3 * r0[refined]), (t1, r1)
+    assert np.all(t1[refined] < t0[refined]) and np.all(r1[refined] < 0.5 * r0[refined]), (t1, r1)
     assert np.all(t1 <= t0 + 1e-9) and np.all(r1 <= r0 + 1e-9)
-    assert np.median(t1[refined]) < 0.25 * np.median(t0) and np.median(r1[refined]) < 0.1 * np.median(r0), (t1, r1)
+    assert np.median(t1[refined]) < 0.3 * np.median(t0) and np.median(r1[refined]) < 0.15 * np.median(r0), (t1, r1)
     assert max(d.iterations for d in result.diagnostics) <= cfg.iters + cfg.polish_iters * cfg.polish_levels

@@ -60,18 +60,23 @@ def run_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, iters
     return run(refiner, phase, K, init, target, H, W, delta, failed, iters, progress)
 
 
+def coarse_to_fine(refiner, phase: Phase, target, progress):
+    """The levels of a second-order phase: (renders, stride, target average-pooled to it, the
+    progress callback or None) for the first coarse_iters renders at coarse_factor times the
+    stride, then the rest at the stride; only the last level reports progress."""
+    factor = refiner.config.coarse_factor
+    levels = [(factor, phase.coarse_iters), (1, phase.iters - phase.coarse_iters)]
+    for n, (f, count) in enumerate(levels):
+        if count > 0:
+            yield (count, phase.stride * f, F.avg_pool2d(target, f) if f > 1 else target,
+                   progress if n == len(levels) - 1 else None)
+
+
 def lm_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, iters, progress) -> torch.Tensor:
-    """Levenberg-Marquardt: the first coarse_iters renders at coarse_factor times the stride
-    (target average-pooled), the rest at the stride, each level stopping early on its own."""
+    """Levenberg-Marquardt, coarse to fine (coarse_to_fine), each level stopping early on its own."""
     cfg = refiner.config
     converged = torch.zeros(delta.shape[0], dtype=torch.bool)
-    levels = [(cfg.coarse_factor, phase.coarse_iters), (1, phase.iters - phase.coarse_iters)]
-    for n, (factor, count) in enumerate(levels):
-        if count <= 0:
-            continue
-        report = progress if n == len(levels) - 1 else None
-        level_target = F.avg_pool2d(target, factor) if factor > 1 else target
-        stride = phase.stride * factor
+    for count, stride, level_target, report in coarse_to_fine(refiner, phase, target, progress):
         if phase.signal == "rgb":
             converged = levenberg_marquardt_phase(refiner.model, K, init, level_target, H, W, stride, count, delta,
                                                   failed, iters, tolerance(refiner), max_step(refiner), cfg.lm_damping,
@@ -88,20 +93,14 @@ def lm_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, iters,
 
 def direct_phase(refiner, phase: Phase, K, init, target, H, W, delta, failed, iters, progress) -> torch.Tensor:
     """Direct alignment against keyframes rendered at the current poses
-    (fastnefes.refine.direct_alignment): phase.iters keyframe renders at most, the first
-    coarse_iters at coarse_factor times the stride (target average-pooled); direct_iters
-    Levenberg-Marquardt iterations per keyframe."""
+    (fastnefes.refine.direct_alignment), coarse to fine (coarse_to_fine; phase.iters counts
+    keyframes), direct_iters Gauss-Newton iterations per keyframe."""
     cfg = refiner.config
     converged = torch.zeros(delta.shape[0], dtype=torch.bool)
-    levels = [(cfg.coarse_factor, phase.coarse_iters), (1, phase.iters - phase.coarse_iters)]
-    for n, (factor, count) in enumerate(levels):
-        if count <= 0:
-            continue
-        report = progress if n == len(levels) - 1 else None
-        level_target = F.avg_pool2d(target, factor) if factor > 1 else target
-        converged = direct_alignment_phase(refiner.model, K, init, level_target, H, W, phase.stride * factor,
-                                           phase.signal, count, cfg.direct_iters, delta, failed, iters,
-                                           tolerance(refiner), max_step(refiner, phase.signal), cfg.lm_damping,
+    for count, stride, level_target, report in coarse_to_fine(refiner, phase, target, progress):
+        converged = direct_alignment_phase(refiner.model, K, init, level_target, H, W, stride, phase.signal, count,
+                                           cfg.direct_iters, delta, failed, iters, tolerance(refiner),
+                                           max_step(refiner, phase.signal), cfg.lm_damping,
                                            cfg.polish_rays if phase.signal == "rgb" else 0, report)
     return converged
 
