@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastnefes.geometry import invert_pose, perturb_poses, pose_errors, se3_exp
+from fastnefes.geometry import invert_pose, perturb_poses, pose_errors, se3_exp, world_to_camera
 from fastnefes.refine import RefineConfig, Refiner
 from fastnefes.refine.direct_alignment import (map_with_gradient, mean_shift, projection_jacobian, sample_map,
                                                warp_equations)
@@ -69,8 +69,7 @@ def test_warp_normal_equations_match_the_loss_gradient():
         assert torch.allclose(A, A.transpose(1, 2)) and bool((torch.linalg.eigvalsh(A) > -1e-9).all())
     # The normal equations are J^T W J of the per-channel rows (map gradient times projection).
     sampled, du, dv, _ = sample_map(stack, _project(K, poses, points), stride)
-    w2c = invert_pose(poses)
-    y = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]
+    y = world_to_camera(points, poses)
     Pj = projection_jacobian(y, K[:, None, 0, 0], K[:, None, 1, 1])
     J = du[..., None] * Pj[:, :, None, 0] + dv[..., None] * Pj[:, :, None, 1]  # [B, N, C, 6]
     r2 = (sampled - values).pow(2).sum(-1)
@@ -79,8 +78,7 @@ def test_warp_normal_equations_match_the_loss_gradient():
 
 
 def _project(K, poses, points):
-    w2c = invert_pose(poses)
-    y = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]
+    y = world_to_camera(points, poses)
     return torch.stack([K[:, None, 0, 0] * y[..., 0] / y[..., 2] + K[:, None, 0, 2],
                         K[:, None, 1, 1] * y[..., 1] / y[..., 2] + K[:, None, 1, 2]], -1)
 

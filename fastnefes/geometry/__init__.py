@@ -10,6 +10,7 @@ from fastnefes.geometry.cameras import (
     opengl_to_opencv,
     pixel_grid,
     scale_intrinsics,
+    world_to_camera,
 )
 from fastnefes.geometry.lie import (
     orthonormalize,
@@ -26,7 +27,7 @@ from fastnefes.geometry.poses import perturb_poses, pose_errors
 __all__ = [
     "backproject",
     "camera_directions", "generate_rays", "invert_pose", "make_intrinsics", "opencv_to_opengl",
-    "opengl_to_opencv", "pixel_grid", "scale_intrinsics", "orthonormalize", "quat_to_rotmat",
+    "opengl_to_opencv", "pixel_grid", "scale_intrinsics", "world_to_camera", "orthonormalize", "quat_to_rotmat",
     "rotmat_to_quat", "se3_exp", "se3_log", "so3_exp", "so3_log", "format_poses", "read_poses",
     "write_poses", "perturb_poses", "pose_errors",
 ]

@@ -100,6 +100,11 @@ def generate_rays(K: torch.Tensor, c2w: torch.Tensor, pixels: torch.Tensor):
     return origins, dirs, d_cam[..., 2]
 
 
+def world_to_camera(points: Tensor, c2w: Tensor) -> Tensor:
+    """World points [B, N, 3] in the camera frames of c2w [B, 4, 4] -> [B, N, 3] (z: depth)."""
+    return (points - c2w[:, None, :3, 3]) @ c2w[:, :3, :3]
+
+
 def backproject(pixels: Tensor, depth: Tensor, K: Tensor, c2w: Tensor) -> Tensor:
     """World points [B,h,w,3] of image coordinates pixels [B,h,w,2] at z-depth [B,h,w]; K [B,3,3], c2w [B,4,4]."""
     Kb = K[:, None, None]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastnefes.geometry import backproject, invert_pose, pixel_grid, se3_exp, se3_log
+from fastnefes.geometry import backproject, pixel_grid, se3_exp, se3_log, world_to_camera
 from fastnefes.refine.gauss_newton import textured_pixels
 from fastnefes.timing import section
 
@@ -97,8 +97,7 @@ def warp_equations(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points:
         view neither pays nor costs, as the first step off a keyframe's border must not), J^T W J [B, 6, 6] and J^T W r [B, 6] for a local increment
         P -> P @ se3_exp(step) (rotation first).
     """
-    w2c = invert_pose(poses)
-    y = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]  # [B, N, 3] camera frame
+    y = world_to_camera(points, poses)  # [B, N, 3]
     front = y[..., 2] > 1e-6
     y = torch.where(front[..., None], y, torch.ones_like(y))  # behind the camera: masked below
     fx, fy = K[:, None, 0, 0], K[:, None, 1, 1]
@@ -185,8 +184,7 @@ def solve_on_keyframe(stack: Tensor, stride: int, K: Tensor, poses: Tensor, poin
     current = poses
     failed = torch.zeros(B, dtype=torch.bool, device=dev)
     # A step's image motion, bounded: f |w| + f |v| / z (z the keyframe's median depth).
-    w2c = invert_pose(poses)
-    z = (points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3])[..., 2]
+    z = world_to_camera(points, poses)[..., 2]
     z_med = torch.nanmedian(torch.where(valid & (z > 0), z, torch.full_like(z, math.nan)), 1).values
     focal = K[:, 0, 0]
     inv_depth = 1.0 / torch.nan_to_num(z_med, nan=1.0).clamp_min(1e-6)
@@ -210,8 +208,7 @@ def mean_shift(K: Tensor, poses: Tensor, step: Tensor, points: Tensor, valid: Te
     """[B] mean distance in image pixels that the valid [B, N] world points [B, N, 3] move in
     cameras poses [B, 4, 4] when these move by local increments step [B, 6]."""
     def project(c2w: Tensor) -> Tensor:
-        w2c = invert_pose(c2w)
-        y = points @ w2c[:, :3, :3].transpose(-1, -2) + w2c[:, None, :3, 3]
+        y = world_to_camera(points, c2w)
         z = y[..., 2].clamp_min(1e-6)
         return torch.stack([K[:, None, 0, 0] * y[..., 0] / z, K[:, None, 1, 1] * y[..., 1] / z], -1)
 

@@ -52,6 +52,14 @@ def frozen(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def coarsened(stride: int, height: int, width: int, max_pixels: int) -> int:
+    """stride doubled while a height x width image's grid at it has more than max_pixels pixels
+    (max_pixels 0 or no image size: stride)."""
+    while max_pixels > 0 and height and (height // stride) * (width // stride) > max_pixels:
+        stride *= 2
+    return stride
+
+
 class Refiner:
     """Refines query poses against one trained feature-field model.
 
@@ -74,10 +82,7 @@ class Refiner:
         """The first phase's render stride: config.stride, else the encoder's, doubled (with the
         image size given) while the map has more than config.max_feature_pixels pixels."""
         cfg = self.config
-        s = cfg.stride or int(self.model.feature_stride)
-        while cfg.max_feature_pixels > 0 and height and (height // s) * (width // s) > cfg.max_feature_pixels:
-            s *= 2
-        return s
+        return coarsened(cfg.stride or int(self.model.feature_stride), height, width, cfg.max_feature_pixels)
 
     def phases(self, height: int = 0, width: int = 0) -> list[Phase]:
         cfg = self.config
@@ -275,9 +280,7 @@ class Refiner:
         finest = self.encode_queries(images, "rgb", fine)
         subset = (cfg.polish_method == "direct"
                   or (cfg.polish_method == "lm" and 0 < cfg.polish_rays < (H // fine) * (W // fine)))
-        judge = fine  # the judge's grid: the finest, coarsened to at most polish_judge_pixels pixels
-        while cfg.polish_judge_pixels > 0 and (H // judge) * (W // judge) > cfg.polish_judge_pixels:
-            judge *= 2
+        judge = coarsened(fine, H, W, cfg.polish_judge_pixels)  # the judge's grid
         judged = finest if judge == fine else self.encode_queries(images, "rgb", judge)
         converged = torch.zeros(delta.shape[0], dtype=torch.bool)
         with self._undone_unless_lower(K, base, delta, failed, judged, H, W, judge, "rgb") if subset else nullcontext():
