@@ -1,19 +1,26 @@
-"""Training steps of the default room with the occupancy march on its pure-torch twin vs the native
-kernel, side by side in one process: the same steps from the same trainer state, so both backends
-do identical work (their samples are the same, bit for bit).
+"""Training steps of the default room with today's fast paths against their references, side by
+side in one process: the same steps from the same trainer state and the same rays.
 
     python benchmarks/train_step.py [--data DIR] [--warmup 300] [--steps 48] [--threads 1,2]
                                     [--clock wall|cpu] [--json out.json]
 
 Without --data it synthesises the default room (`fastnefes synth room --format 7scenes`) into
---work. It trains `--warmup` steps (so the occupancy grid has been thresholded and has emptied),
-snapshots the trainer, then trains two copies of the snapshot `--steps` steps further, one with
-FASTNEFES_OCCGRID_BACKEND=torch and one with =native, alternating step by step, for each --threads
-count. Reported per thread count: median step time per backend, the median time spent inside the
-march per step, the end-to-end ratios (of the medians, and the median of the step-by-step ratios),
-and the largest difference between the two copies' losses. `--clock cpu` times the process's
-CPU time instead of wall time: with `--threads 1` on a machine shared with other jobs it excludes
-the time other processes hold the core.
+--work. It trains `--warmup` steps with the defaults (so the occupancy grid has been thresholded
+and has emptied), snapshots the trainer, pins its ray count, then trains copies of the snapshot
+`--steps` steps further, taking turns step by step, for each --threads count:
+  reference          the pure-torch occupancy march, the culling pre-pass at every step, and
+                     torch's multi-tensor Adam;
+  native_march       the native march (csrc) instead;
+  scheduled_prepass  and the pre-pass only while it pays (fastnefes.ops.occgrid.culling);
+  default            and torch's fused Adam: what `fastnefes train` runs.
+Reported per thread count: median step time per configuration, the median time inside the march
+per step, the end-to-end ratios against the reference (of the medians, and the median of the
+step-by-step ratios), and the largest relative difference of each copy's losses from the
+reference's (the marches return the same samples bit for bit; the pre-pass changes no rendered
+value, only the mean transient density the regulariser averages over samples; the fused Adam
+rounds its update differently). `--clock cpu`
+times the process's CPU time instead of wall time: with `--threads 1` on a machine shared with
+other jobs it excludes the time other processes hold the core.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastnefes.io import write_json  # noqa: E402
 from fastnefes.ops._allocator import keep_freed_memory_in_heap  # noqa: E402
+from fastnefes.ops.occgrid.culling import CULL_COST  # noqa: E402
 
-BACKENDS = ("torch", "native")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock_fn = CLOCKS["wall"]
 
@@ -125,6 +132,7 @@ def main() -> None:
     run_steps(trainer, args.warmup, clock)
     print(f"warm-up: {args.warmup} steps in {time.perf_counter() - start:.0f} s, {trainer.state.n_rays} rays a step",
           flush=True)
+    trainer.cfg.batch_samples = 0  # the same rays in every configuration from here on
     snapshot, rng = copy.deepcopy(trainer), torch.get_rng_state()
 
     load_before = os.getloadavg()
@@ -137,36 +145,61 @@ def main() -> None:
                                "results": results})
 
 
+# configuration -> (march backend, culling break-even: 0 runs the pre-pass at every step, fused Adam);
+# each row adds one fast path to the one before.
+CONFIGS = {"reference": ("torch", 0.0, False), "native_march": ("native", 0.0, False),
+           "scheduled_prepass": ("native", CULL_COST, False), "default": ("native", CULL_COST, True)}
+
+
+def with_adam(trainer, fused: bool) -> None:
+    """Give the trainer a fused or a multi-tensor Adam with its optimiser's settings and state."""
+    old = trainer.optimizer
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in old.param_groups]
+    new = torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, foreach=True)
+    for param, state in old.state.items():
+        new.state[param] = {k: v.clone() for k, v in state.items()}
+    trainer.optimizer = new
+
+
 def compare(snapshot, rng: torch.Tensor, clock: MarchClock, threads: int, steps: int) -> dict:
-    """`steps` steps from `snapshot` with each march backend, alternating step by step (so both
-    see the same machine load): two copies of the trainer, each with its own random state, so
-    each copy draws exactly what it would draw alone."""
+    """`steps` steps from `snapshot` in each configuration, taking turns step by step (so all see
+    the same machine load): one copy of the trainer each, each with its own random state, so each
+    copy draws exactly what it would draw alone."""
     torch.set_num_threads(threads)
-    runs = {b: {"trainer": copy.deepcopy(snapshot), "rng": rng.clone(), "step": [], "march": [], "loss": []}
-            for b in BACKENDS}
+    runs = {}
+    for name, (_, break_even, fused) in CONFIGS.items():
+        trainer = copy.deepcopy(snapshot)
+        trainer.model.occupancy.culling.break_even = break_even
+        with_adam(trainer, fused)
+        runs[name] = {"trainer": trainer, "rng": rng.clone(), "step": [], "march": [], "loss": []}
+    names = list(CONFIGS)
     for i in range(steps):
-        for backend in (BACKENDS if i % 2 == 0 else BACKENDS[::-1]):
-            run = runs[backend]
-            os.environ["FASTNEFES_OCCGRID_BACKEND"] = backend
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            run = runs[name]
+            os.environ["FASTNEFES_OCCGRID_BACKEND"] = CONFIGS[name][0]
             torch.set_rng_state(run["rng"])
             step_s, march_s, loss = run_steps(run["trainer"], 1, clock)
             run["rng"] = torch.get_rng_state()
             run["step"] += step_s
             run["march"] += march_s
             run["loss"] += loss
-    med = {b: {k: statistics.median(runs[b][k]) * 1e3 for k in ("step", "march")} for b in BACKENDS}
-    pairs = [a / b for a, b in zip(runs["torch"]["step"], runs["native"]["step"])]
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(runs["native"]["loss"], runs["torch"]["loss"]))
-    result = {"threads": threads, "steps": steps, "median_ms": med,
-              "step_ratio_torch_over_native": med["torch"]["step"] / med["native"]["step"],
-              "median_paired_step_ratio": statistics.median(pairs),
-              "march_ratio_torch_over_native": med["torch"]["march"] / med["native"]["march"],
-              "max_relative_loss_difference": loss_diff}
-    print(f"{threads} threads, {steps} steps: step torch {med['torch']['step']:.0f} ms, native "
-          f"{med['native']['step']:.0f} ms -> {result['step_ratio_torch_over_native']:.2f}x end to end (median of "
-          f"step-by-step ratios {result['median_paired_step_ratio']:.2f}x); march torch {med['torch']['march']:.1f} ms, "
-          f"native {med['native']['march']:.2f} ms -> {result['march_ratio_torch_over_native']:.1f}x; largest "
-          f"relative loss difference {loss_diff:.2e}", flush=True)
+    med = {n: {k: statistics.median(runs[n][k]) * 1e3 for k in ("step", "march")} for n in names}
+    ref = runs["reference"]
+    result = {"threads": threads, "steps": steps, "median_ms": med, "step_ratio_over_reference": {},
+              "median_paired_step_ratio": {}, "max_relative_loss_difference": {}}
+    for name in names[1:]:
+        pairs = [a / b for a, b in zip(ref["step"], runs[name]["step"])]
+        result["step_ratio_over_reference"][name] = med["reference"]["step"] / med[name]["step"]
+        result["median_paired_step_ratio"][name] = statistics.median(pairs)
+        result["max_relative_loss_difference"][name] = max(abs(a - b) / max(abs(b), 1e-12)
+                                                           for a, b in zip(runs[name]["loss"], ref["loss"]))
+    result["march_ratio_torch_over_native"] = med["reference"]["march"] / med["native_march"]["march"]
+    print(f"{threads} threads, {steps} steps: " + ", ".join(f"{n} {med[n]['step']:.1f} ms" for n in names)
+          + "; over the reference: " + ", ".join(f"{n} {result['step_ratio_over_reference'][n]:.2f}x "
+                                                 f"(paired {result['median_paired_step_ratio'][n]:.2f}x)" for n in names[1:])
+          + f"; march torch {med['reference']['march']:.1f} ms, native {med['native_march']['march']:.2f} ms "
+          f"({result['march_ratio_torch_over_native']:.1f}x); largest relative loss differences "
+          + ", ".join(f"{n} {v:.1e}" for n, v in result["max_relative_loss_difference"].items()), flush=True)
     return result
 
 

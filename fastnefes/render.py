@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastnefes.field.model import FeatureFieldModel
 from fastnefes.geometry import generate_rays, pixel_grid
-from fastnefes.ops.composite import composite
+from fastnefes.ops.composite import TRANSMITTANCE_THRESHOLD, composite
 from fastnefes.timing import section
 from fastnefes.ops.hierarchical import (dense_weights, merge_edges, ray_range_in_unit_cube, sample_pdf,
                                         stratified_edges)
@@ -36,10 +36,16 @@ def _sample(model: FeatureFieldModel, origins: Tensor, dirs: Tensor, stratified:
         x = o[ray_indices] + d[ray_indices] * ((t_starts + t_ends) * 0.5)[:, None]
         return model.density(x)
 
+    schedule = model.occupancy.culling
+    # The pre-pass changes rendered values only when it culls samples the compositing weighs.
+    exact = cfg.alpha_thre <= 0 and cfg.early_stop_eps <= TRANSMITTANCE_THRESHOLD
+    cull = cfg.cull_samples and (not exact or schedule.due())
     with torch.no_grad():
-        samples = model.occupancy.sampling(o, d, sigma_fn=sigma_fn if cfg.cull_samples else None, near_plane=near,
+        samples = model.occupancy.sampling(o, d, sigma_fn=sigma_fn if cull else None, near_plane=near,
                                            render_step_size=model.render_step_size, early_stop_eps=cfg.early_stop_eps,
                                            alpha_thre=cfg.alpha_thre, stratified=stratified, cone_angle=cfg.cone_angle)
+    if cull:
+        schedule.record(candidates[0], samples[0].shape[0])
     return (*samples, candidates[0])
 
 

@@ -86,5 +86,7 @@ class TransientHead(nn.Module):
         self.density_bias = density_bias
 
     def forward(self, encoding: Tensor, image_ids: Tensor) -> TransientOutput:
-        h = self.mlp(torch.cat([encoding, self.embedding(image_ids).to(encoding.dtype)], dim=-1)).float()
+        # index_select, not the embedding's forward: its backward (an index_add) is 3x faster on a CPU.
+        embedded = self.embedding.weight.index_select(0, image_ids).to(encoding.dtype)
+        h = self.mlp(torch.cat([encoding, embedded], dim=-1)).float()
         return TransientOutput(F.softplus(h[:, 0] + self.density_bias), torch.sigmoid(h[:, 1:4]), F.softplus(h[:, 4]))

@@ -94,7 +94,9 @@ class ModelConfig:
     march_steps: int = 256  # marching step = sqrt(3) / march_steps in the unit cube
     cone_angle: float = 0.0  # steps grow as t * cone_angle beyond that (contracted space: 1/256)
     # Density pre-pass over the marched samples that drops those behind surfaces (transmittance
-    # < early_stop_eps) or nearly transparent (alpha < alpha_thre), as nerfacc's sigma_fn.
+    # < early_stop_eps) or nearly transparent (alpha < alpha_thre), as nerfacc's sigma_fn. With
+    # alpha_thre = 0 it changes no rendered value and runs only while it pays for itself
+    # (fastnefes.ops.occgrid.culling).
     cull_samples: bool = True
     alpha_thre: float = 0.0
     early_stop_eps: float = 1e-4

@@ -248,6 +248,7 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
     if resume:
         saved, complete = restore_training(run_dir, model, trainer.optimizer, trainer.sampler.generator)
         trainer.state = TrainState(**saved)
+        model.occupancy.culling.load_state_dict(trainer.state.culling)
         if complete:
             return model.eval(), metrics_summary(trainer.state, config)
     elif run_dir is not None:
@@ -259,6 +260,7 @@ def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = Non
                      (data_options or DataOptions()).to_record(scene.root, scene.format))
 
     def checkpoint() -> None:
+        trainer.state.culling = model.occupancy.culling.state_dict()
         save_checkpoint(run_dir, model, trainer.optimizer, trainer.sampler.generator, trainer.state.to_dict(),
                         complete=trainer.done())
         write_json(run_dir / METRICS_FILE, metrics_summary(trainer.state, config))

@@ -9,7 +9,10 @@ from torch import Tensor
 from fastnefes.ops import backends
 from fastnefes.ops.composite._torch_impl import CompositeOutput, composite_torch, sample_weights
 
-__all__ = ["CompositeOutput", "composite", "composite_torch", "sample_weights", "backend_for"]
+__all__ = ["CompositeOutput", "composite", "composite_torch", "sample_weights", "backend_for", "TRANSMITTANCE_THRESHOLD"]
+
+# Samples behind this transmittance get zero weight (nerfacc's early stop).
+TRANSMITTANCE_THRESHOLD = 1e-4
 
 
 def _native_fn() -> Callable | None:
@@ -29,7 +32,7 @@ def backend_for(device_type: str) -> str:
 
 def composite(sigmas: Tensor, rgbs: Tensor, features: Tensor | None, t_starts: Tensor, t_ends: Tensor,
               ray_indices: Tensor, n_rays: int, detach_feature_weights: bool = True,
-              transmittance_threshold: float = 1e-4) -> CompositeOutput:
+              transmittance_threshold: float = TRANSMITTANCE_THRESHOLD) -> CompositeOutput:
     """Composite packed samples; see composite_torch for shapes and semantics."""
     fn = _native_fn() if backends.resolve("composite", sigmas.device.type) == "native" else None
     return (fn or composite_torch)(sigmas, rgbs, features, t_starts, t_ends, ray_indices, n_rays,

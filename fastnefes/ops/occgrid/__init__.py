@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from fastnefes.errors import FastnefesError
 from fastnefes.ops import backends
 from fastnefes.ops.occgrid._native import march_rays_native, occupancy_mips
+from fastnefes.ops.occgrid.culling import CullSchedule
 from fastnefes.ops.occgrid._torch_impl import march_rays, visibility_mask
 
 __all__ = ["OccupancyGrid"]
@@ -49,6 +50,7 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("aabbs", torch.stack([_enlarge_aabb(roi, 2.0**i) for i in range(levels)]))
         self.register_buffer("occs", torch.zeros(levels * self.cells_per_lvl))
         self.register_buffer("binaries", torch.zeros(levels, resolution, resolution, resolution, dtype=torch.bool))
+        self.culling = CullSchedule()  # when renders run the culling pre-pass (not saved)
         self._mips_of: tuple[Tensor, int] | None = None  # (binaries tensor, its version) the mips belong to
         self._mips: Tensor | None = None
 
