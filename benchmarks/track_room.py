@@ -45,6 +45,9 @@ def main() -> None:
     from fastnefes.train.run import load_run
     from fastnefes.train.trainer import resolve_device
 
+    from fastnefes.ops._allocator import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()  # as the CLI does: latencies are what `fastnefes track` users get
     device = resolve_device(args.device)
     model, _ = load_run(args.run, device)
     scene = load_scene(args.data)

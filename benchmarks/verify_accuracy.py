@@ -56,6 +56,9 @@ def main() -> None:
                     help="recall thresholds TRANS:DEG (scene units, degrees)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    from fastnefes.ops._allocator import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()  # as the CLI does: latencies are what `fastnefes refine` users get
 
     from fastnefes.cli.options import load_scene_from_options
     from fastnefes.geometry import perturb_poses, pose_errors
