@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastnefes.ops._backend import load_native
-from fastnefes.ops.composite._torch_impl import CompositeOutput, check_packed_inputs, composite_torch
+from fastnefes.ops.composite._torch_impl import (TRANSMITTANCE_THRESHOLD, CompositeOutput, check_packed_inputs,
+                                                  composite_torch)
 from fastnefes.ops.hashgrid._torch_impl import hash_grid_encode_torch
 from fastnefes.ops.hashgrid.config import HashGridConfig
 
@@ -62,7 +63,7 @@ class _Composite(torch.autograd.Function):
 
 def composite_native(sigmas: Tensor, rgbs: Tensor, features: Tensor | None, t_starts: Tensor, t_ends: Tensor,
                      ray_indices: Tensor, n_rays: int, detach_feature_weights: bool = True,
-                     transmittance_threshold: float = 1e-4) -> CompositeOutput:
+                     transmittance_threshold: float = TRANSMITTANCE_THRESHOLD) -> CompositeOutput:
     """Fused compositing of packed samples; shapes and semantics as `composite_torch`.
 
     Args:

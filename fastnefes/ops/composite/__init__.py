@@ -7,12 +7,10 @@ from typing import Callable
 from torch import Tensor
 
 from fastnefes.ops import backends
-from fastnefes.ops.composite._torch_impl import CompositeOutput, composite_torch, sample_weights
+from fastnefes.ops.composite._torch_impl import (TRANSMITTANCE_THRESHOLD, CompositeOutput, composite_torch,
+                                                  sample_weights)
 
 __all__ = ["CompositeOutput", "composite", "composite_torch", "sample_weights", "backend_for", "TRANSMITTANCE_THRESHOLD"]
-
-# Samples behind this transmittance get zero weight (nerfacc's early stop).
-TRANSMITTANCE_THRESHOLD = 1e-4
 
 
 def _native_fn() -> Callable | None:

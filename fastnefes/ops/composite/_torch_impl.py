@@ -46,6 +46,10 @@ def check_packed_inputs(sigmas: Tensor, rgbs: Tensor, features: Tensor | None, t
             raise ValueError("composite: ray_indices must be sorted ascending (packed samples)")
 
 
+# Samples behind this transmittance get zero weight (nerfacc's early stop).
+TRANSMITTANCE_THRESHOLD = 1e-4
+
+
 def exclusive_segment_sum(values: Tensor, ray_indices: Tensor, n_rays: int) -> Tensor:
     """values [N] packed by sorted ray_indices -> per sample, sum of the earlier values of its ray.
 
@@ -60,7 +64,7 @@ def exclusive_segment_sum(values: Tensor, ray_indices: Tensor, n_rays: int) -> T
 
 
 def sample_weights(sigmas: Tensor, t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor, n_rays: int,
-                   transmittance_threshold: float = 1e-4) -> Tensor:
+                   transmittance_threshold: float = TRANSMITTANCE_THRESHOLD) -> Tensor:
     """Volume-rendering weights w_j = T_j alpha_j [N], zero once T_j < transmittance_threshold."""
     sigma_dt = sigmas * (t_ends - t_starts)
     transmittance = torch.exp(-exclusive_segment_sum(sigma_dt, ray_indices, n_rays))
@@ -78,7 +82,7 @@ def _accumulate(values: Tensor, ray_indices: Tensor, n_rays: int) -> Tensor:
 
 def composite_torch(sigmas: Tensor, rgbs: Tensor, features: Tensor | None, t_starts: Tensor, t_ends: Tensor,
                     ray_indices: Tensor, n_rays: int, detach_feature_weights: bool = True,
-                    transmittance_threshold: float = 1e-4) -> CompositeOutput:
+                    transmittance_threshold: float = TRANSMITTANCE_THRESHOLD) -> CompositeOutput:
     """Composite packed samples into per-ray rgb [R,3], features [R,D], depth [R], opacity [R].
 
     Args:

@@ -5,14 +5,14 @@ drops those behind surfaces (transmittance < early_stop_eps): work saved in the 
 of the field, at the price of a density-only evaluation of every candidate. With alpha_thre = 0
 and early_stop_eps no larger than the compositing's transmittance threshold it changes no
 rendered value (the compositing gives those samples zero weight anyway), so it is worth running
-only while it removes more than its own cost; otherwise fastnefes.render runs it always. Measured on 2 CPU cores (`fastnefes render`-style
-renders and training steps of the room, kitchen, fox and lego runs), a pre-pass sample costs
-about 0.3 of a fully evaluated one, and the pre-pass culled 0% (room), 1-2% (kitchen), 11% (fox)
-and 42% (lego test views) of the samples: a net loss in three scenes of four.
+only while it removes more than it costs (otherwise fastnefes.render runs it always). On 2 CPU
+cores a pre-pass sample costs about 0.3 of a fully evaluated one (in a training step and in a
+render), and on the trained room, kitchen, fox and lego runs the pre-pass culled 0%, 1-2%, 11%
+and 42% (lego's test views) of the samples: a net loss in three scenes of four.
 
-A CullSchedule runs the pre-pass while the culled fraction it last measured is above CULL_COST,
-and otherwise skips it, probing again every PROBE_EVERY renders (the field and the occupancy
-grid change while training; the views change while refining).
+A CullSchedule runs the pre-pass while the culled fraction it last measured is at least
+CULL_COST, and otherwise skips it, probing again after PROBE_EVERY skipped renders (the field
+and the occupancy grid change while training; the views change while refining).
 """
 
 from __future__ import annotations
