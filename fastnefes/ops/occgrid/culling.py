@@ -7,7 +7,7 @@ and early_stop_eps no larger than the compositing's transmittance threshold it c
 rendered value (the compositing gives those samples zero weight anyway), so it is worth running
 only while it removes more than it costs (otherwise fastnefes.render runs it always). On 2 CPU
 cores a pre-pass sample costs about 0.3 of a fully evaluated one (in a training step and in a
-render), and on the trained room, kitchen, fox and lego runs the pre-pass culled 0%, 1-2%, 11%
+render), and on the trained room, kitchen, fox and lego runs the pre-pass culled 0%, 2-4%, 11%
 and 42% (lego's test views) of the samples: a net loss in three scenes of four.
 
 A CullSchedule runs the pre-pass while the culled fraction it last measured is at least
