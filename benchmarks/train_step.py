@@ -18,9 +18,9 @@ per step, the end-to-end ratios against the reference (of the medians, and the m
 step-by-step ratios), and the largest relative difference of each copy's losses from the
 reference's (the marches return the same samples bit for bit; the pre-pass changes no rendered
 value, only the mean transient density the regulariser averages over samples; the fused Adam
-rounds its update differently). `--clock cpu`
-times the process's CPU time instead of wall time: with `--threads 1` on a machine shared with
-other jobs it excludes the time other processes hold the core.
+rounds its update differently). `--clock cpu` times the process's CPU time instead of wall time:
+with `--threads 1` on a machine shared with other jobs it excludes the time other processes hold
+the core.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastnefes.io import write_json  # noqa: E402
 from fastnefes.ops._allocator import keep_freed_memory_in_heap  # noqa: E402
 from fastnefes.ops.occgrid.culling import CULL_COST  # noqa: E402
+from fastnefes.train.trainer import fused_adam  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock_fn = CLOCKS["wall"]
@@ -155,7 +156,7 @@ def with_adam(trainer, fused: bool) -> None:
     """Give the trainer a fused or a multi-tensor Adam with its optimiser's settings and state."""
     old = trainer.optimizer
     groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in old.param_groups]
-    new = torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, foreach=True)
+    new = fused_adam(groups) if fused else torch.optim.Adam(groups, foreach=True)
     for param, state in old.state.items():
         new.state[param] = {k: v.clone() for k, v in state.items()}
     trainer.optimizer = new

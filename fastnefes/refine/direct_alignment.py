@@ -94,8 +94,9 @@ def warp_equations(stack: Tensor, stride: int, K: Tensor, poses: Tensor, points:
     Returns:
         loss [B] (mean Cauchy penalty over the valid points; a point the candidate sees outside the
         map, or behind it, is charged the keyframe's median residual, scale2 / 2: leaving the
-        view neither pays nor costs, as the first step off a keyframe's border must not), J^T W J [B, 6, 6] and J^T W r [B, 6] for a local increment
-        P -> P @ se3_exp(step) (rotation first).
+        view neither pays nor costs, as the first step off a keyframe's border must not),
+        J^T W J [B, 6, 6] and J^T W r [B, 6] for a local increment P -> P @ se3_exp(step)
+        (rotation first).
     """
     y = world_to_camera(points, poses)  # [B, N, 3]
     front = y[..., 2] > 1e-6
@@ -176,8 +177,8 @@ def solve_on_keyframe(stack: Tensor, stride: int, K: Tensor, poses: Tensor, poin
     not judged here: the renders judge the solves (direct_alignment_phase's trust region). Every
     query steps in lockstep (an evaluation is a grid_sample: no gathering of rows), damped by
     `damping` times diag(J^T J) (Marquardt's scaling), each step fitted to max_step [6], until
-    every query's step is within tol [6] or moves the image by at most stop_px pixels. Returns ([B, 6] the solved increment on poses, [B] bool
-    failed: non-finite normal equations).
+    every query's step is within tol [6] or moves the image by at most stop_px pixels. Returns
+    ([B, 6] the solved increment on poses, [B] bool failed: non-finite normal equations).
     """
     scale2 = cauchy_scale(r2, valid)
     B, dev = poses.shape[0], poses.device
