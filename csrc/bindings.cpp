@@ -320,14 +320,15 @@ at::Tensor occgrid_mips(const at::Tensor& binaries, const at::Tensor& aabbs, int
                         aabbs.dim() == 2 && aabbs.size(0) == a.n_levels && aabbs.size(1) == 6,
                     "occupancy mips: aabbs must be a contiguous float32 [L, 6] tensor on binaries' device");
   const int64_t n = occgrid_plan_mips(a);
-  at::Tensor mips = at::empty({n}, binaries.options().dtype(at::kByte)), plain = at::empty_like(mips);
+  at::Tensor mips = at::empty({n}, binaries.options().dtype(at::kByte));
+  at::Tensor scratch = at::empty({occgrid_mips_scratch(a.res, a.n_levels)}, mips.options());
   if (binaries.is_cuda()) {
-    occgrid_mips_cuda(a.binaries, aabbs.data_ptr<float>(), a.n_levels, a.res, plain.data_ptr<uint8_t>(),
+    occgrid_mips_cuda(a.binaries, aabbs.data_ptr<float>(), a.n_levels, a.res, scratch.data_ptr<uint8_t>(),
                       mips.data_ptr<uint8_t>(), binaries.get_device(), reinterpret_cast<void*>(stream));
   } else {
     const int n_threads = at::get_num_threads();
     pybind11::gil_scoped_release no_gil;
-    occgrid_mips_cpu(a.binaries, aabbs.data_ptr<float>(), a.n_levels, a.res, plain.data_ptr<uint8_t>(),
+    occgrid_mips_cpu(a.binaries, aabbs.data_ptr<float>(), a.n_levels, a.res, scratch.data_ptr<uint8_t>(),
                      mips.data_ptr<uint8_t>(), n_threads);
   }
   return mips;

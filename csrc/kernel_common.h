@@ -153,6 +153,14 @@ FASTNEFES_HD double log_of(double v) {
   return std::log(v);
 #endif
 }
+FASTNEFES_HD double frexp_of(double v) {  // the mantissa in [0.5, 1) (0 for 0)
+  int exponent;
+#if defined(__CUDA_ARCH__)
+  return frexp(v, &exponent);
+#else
+  return std::frexp(v, &exponent);
+#endif
+}
 FASTNEFES_HD double abs_of(double v) { return v < 0 ? -v : v; }
 
 template <typename T>

@@ -58,9 +58,11 @@ int64_t march_parts_size(const MarchParts<T>& parts);
 template <typename T>
 void copy_march_parts(const MarchParts<T>& parts, int64_t* ray_indices, T* t_starts, T* t_ends);
 
-// binaries [L, res^3] and aabbs [L, 6] -> mips [occgrid_plan_mips cells]; plain: scratch of the
-// same size (the occupancy pyramid the mips dilate).
-void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* plain,
+// binaries [L, res^3] and aabbs [L, 6] -> mips [occgrid_plan_mips cells]; scratch: of
+// occgrid_mips_scratch cells (the occupancy pyramid of the grid dilated by one cell, and its
+// first level's intermediate passes).
+int64_t occgrid_mips_scratch(const int res[3], int n_levels);
+void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* scratch,
                       uint8_t* mips, int n_threads);
 
 // The same arguments with the float pointers type-erased (for the CUDA entry points).
@@ -78,7 +80,7 @@ MarchArgs<void> erase_type(const MarchArgs<T>& a) {
 void occgrid_count_cuda(DType dtype, const MarchArgs<void>& a, int64_t* counts, int device, void* stream);
 void occgrid_fill_cuda(DType dtype, const MarchArgs<void>& a, const int64_t* offsets, int64_t* ray_indices,
                        void* t_starts, void* t_ends, int device, void* stream);
-void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* plain,
+void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* scratch,
                        uint8_t* mips, int device, void* stream);
 
 }  // namespace fastnefes

@@ -43,7 +43,7 @@ __global__ void count_kernel(MarchArgs<T> a, int64_t* counts) {
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= a.n_rays) return;
   CountEmit<T> emit;
-  march_ray(a, r, emit);
+  march_ray(a, BoxScales<T>(a), r, emit);
   counts[r] = emit.n;
 }
 
@@ -52,7 +52,15 @@ __global__ void fill_kernel(MarchArgs<T> a, const int64_t* offsets, int64_t* ray
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= a.n_rays) return;
   FillEmit<T> emit{offsets[r], rays, t0, t1};
-  march_ray(a, r, emit);
+  march_ray(a, BoxScales<T>(a), r, emit);
+}
+
+__global__ void halve_dilated_kernel(const uint8_t* src, uint8_t* out, int n_levels, HalvePass p) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n_levels * p.out_cells()) return;
+  const int64_t l = c / p.out_cells(), i = c % p.out_cells();
+  out[c] = halve_dilated(src + l * p.in_cells(), p.in, p.axis, int(i / (int64_t(p.out[1]) * p.out[2])),
+                         int(i / p.out[2] % p.out[1]), int(i % p.out[2]));
 }
 
 __global__ void mip_kernel(const uint8_t* child, uint8_t* mip, int n_levels, int m, int res0, int res1, int res2) {
@@ -66,16 +74,16 @@ __global__ void mip_kernel(const uint8_t* child, uint8_t* mip, int n_levels, int
                     int(i % r2));
 }
 
-__global__ void dilated_mip_kernel(const uint8_t* plain, const float* aabbs, uint8_t* mip, int n_levels, int m,
-                                   int res0, int res1, int res2) {
+__global__ void mip_busy_kernel(const uint8_t* dilated, const float* aabbs, uint8_t* mip, int n_levels, int m,
+                                int res0, int res1, int res2) {
   const int res[3] = {res0, res1, res2};
   const int64_t cells = mip_cells(res, m);
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= n_levels * cells) return;
   const int r1 = mip_res(res1, m), r2 = mip_res(res2, m);
   const int64_t l = c / cells, i = c % cells;
-  mip[c] = dilated_mip_cell(plain + l * cells, res, m, int(l), n_levels, aabbs, int(i / (int64_t(r1) * r2)),
-                            int(i / r2 % r1), int(i % r2));
+  mip[c] = mip_block_busy(dilated + l * cells, res, m, int(l), n_levels, aabbs, int(i / (int64_t(r1) * r2)),
+                          int(i / r2 % r1), int(i % r2));
 }
 
 }  // namespace
@@ -107,18 +115,30 @@ void occgrid_fill_cuda(DType dtype, const MarchArgs<void>& a, const int64_t* off
   check(cudaGetLastError(), "occupancy march (fill) launch");
 }
 
-void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* plain,
+void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* scratch,
                        uint8_t* mips, int device, void* stream) {
   DeviceScope scope(device);
   auto s = static_cast<cudaStream_t>(stream);
+  int64_t pyramid = 0;  // the layout of occgrid_cpu.cpp's occgrid_mips_cpu
+  int n_mips = 0;
+  while (n_mips < kMaxMips && max_of(max_of(mip_res(res[0], n_mips), mip_res(res[1], n_mips)), mip_res(res[2], n_mips)) > 1)
+    pyramid += n_levels * mip_cells(res, ++n_mips);
+  if (n_mips == 0) return;
+  uint8_t* pass_out[3] = {scratch + pyramid, scratch + pyramid + n_levels * halve_pass(res, 0).out_cells(), scratch};
+  const uint8_t* src = binaries;
+  for (int pass = 0; pass < 3; ++pass) {
+    const HalvePass p = halve_pass(res, pass);
+    halve_dilated_kernel<<<blocks_for(n_levels * p.out_cells()), kBlock, 0, s>>>(src, pass_out[pass], n_levels, p);
+    src = pass_out[pass];
+  }
   int64_t offset = 0;
-  for (int m = 1; m < kMaxMips && max_of(max_of(mip_res(res[0], m - 1), mip_res(res[1], m - 1)), mip_res(res[2], m - 1)) > 1;
-       ++m) {
+  for (int m = 1; m <= n_mips; ++m) {
     const int64_t cells = n_levels * mip_cells(res, m);
-    const uint8_t* child = m == 1 ? binaries : plain + offset - n_levels * mip_cells(res, m - 1);
-    mip_kernel<<<blocks_for(cells), kBlock, 0, s>>>(child, plain + offset, n_levels, m, res[0], res[1], res[2]);
-    dilated_mip_kernel<<<blocks_for(cells), kBlock, 0, s>>>(plain + offset, aabbs, mips + offset, n_levels, m, res[0],
-                                                            res[1], res[2]);
+    if (m > 1)
+      mip_kernel<<<blocks_for(cells), kBlock, 0, s>>>(scratch + offset - n_levels * mip_cells(res, m - 1),
+                                                      scratch + offset, n_levels, m, res[0], res[1], res[2]);
+    mip_busy_kernel<<<blocks_for(cells), kBlock, 0, s>>>(scratch + offset, aabbs, mips + offset, n_levels, m, res[0],
+                                                         res[1], res[2]);
     offset += cells;
   }
   check(cudaGetLastError(), "occupancy mips launch");

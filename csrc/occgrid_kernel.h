@@ -9,12 +9,13 @@
 // in T as the twin computes it (so the kept samples are the twin's, bit for bit).
 //
 // Speed: a sample test costs a few nanoseconds, so empty space is skipped only a block at a time
-// and only where the block spans many steps. The skip reads "dilated mips": a block of mip m
-// (2^m x 2^m x 2^m cells) is marked free when it and its 26 neighbouring blocks hold no occupied
-// cell, it does not touch its level's border (except on the outermost level) and, dilated by one
-// block, it keeps clear of the next finer level's box. A sample whose T cell lies in a free block
-// skips to the block's exit: the skipped samples' exact points lie within the T rounding bound E of
-// the block, their T points within 2 E < one block of it, so in empty cells of the same level.
+// and only where the block spans many steps. The skip reads "mips": a block of mip m (2^m x 2^m x
+// 2^m cells) is marked free when no occupied cell lies in it or within one cell of it, it keeps
+// one cell clear of its level's border (except on the outermost level) and, grown by one cell, it
+// keeps clear of the next finer level's box. A sample whose T cell lies in a free block skips to
+// the block's exit: the skipped samples' exact points lie within the T rounding bound E of the
+// block, their T points within 2 E < one cell of it (skips_sound), so in empty cells of the same
+// level. The margin is one cell, not one block, so skips reach up to a surface's neighbour cell.
 #pragma once
 
 #include "kernel_common.h"
@@ -28,7 +29,7 @@ FASTNEFES_HD int64_t mip_cells(const int res[3], int m) {
   return int64_t(mip_res(res[0], m)) * mip_res(res[1], m) * mip_res(res[2], m);
 }
 
-// A cell of mip m (>= 1) of one level from its 2 x 2 x 2 children in mip m - 1 (0 = the grid).
+// A cell of mip m (>= 2) of one level from its 2 x 2 x 2 children in mip m - 1.
 FASTNEFES_HD uint8_t mip_cell(const uint8_t* child, const int res[3], int m, int i, int j, int k) {
   const int c0 = mip_res(res[0], m - 1), c1 = mip_res(res[1], m - 1), c2 = mip_res(res[2], m - 1);
   for (int ci = 2 * i; ci < min_of(2 * i + 2, c0); ++ci)
@@ -38,42 +39,70 @@ FASTNEFES_HD uint8_t mip_cell(const uint8_t* child, const int res[3], int m, int
   return 0;
 }
 
-// A cell of the dilated mip m (>= 1) of level l, from the plain mip m (`plain`: that level's
-// cells) and the boxes (see the file comment): 1 unless the block is free to skip.
-FASTNEFES_HD uint8_t dilated_mip_cell(const uint8_t* plain, const int res[3], int m, int l, int n_levels,
-                                      const float* aabbs, int i, int j, int k) {
+// Mip 1 of the grid dilated by one cell, in three separable passes, each halving one axis: cell
+// (i, j, k) of the output ORs the source cells 2 x - 1 .. 2 x + 2 along `axis` (x: i, j or k),
+// clamped to the source's n[axis]; the other two indices pass through.
+FASTNEFES_HD uint8_t halve_dilated(const uint8_t* src, const int n[3], int axis, int i, int j, int k) {
+  int idx[3] = {i, j, k};
+  const int x = idx[axis];
+  for (int s = max_of(2 * x - 1, 0); s <= min_of(2 * x + 2, n[axis] - 1); ++s) {
+    idx[axis] = s;
+    if (src[(int64_t(idx[0]) * n[1] + idx[1]) * n[2] + idx[2]]) return 1;
+  }
+  return 0;
+}
+
+// The three halve_dilated passes: along k, then j, then i; the last one's output is mip 1.
+struct HalvePass {
+  int axis, in[3], out[3];
+  FASTNEFES_HD int64_t in_cells() const { return int64_t(in[0]) * in[1] * in[2]; }
+  FASTNEFES_HD int64_t out_cells() const { return int64_t(out[0]) * out[1] * out[2]; }
+};
+
+FASTNEFES_HD HalvePass halve_pass(const int res[3], int pass) {
+  HalvePass p;
+  p.axis = 2 - pass;
+  for (int ax = 0; ax < 3; ++ax) {
+    p.in[ax] = ax > p.axis ? mip_res(res[ax], 1) : res[ax];
+    p.out[ax] = ax >= p.axis ? mip_res(res[ax], 1) : res[ax];
+  }
+  return p;
+}
+
+// A cell of the skip's mip m (>= 1) of level l: 1 (busy) unless the block is free to skip (see
+// the file comment). `dilated`: that level's cells of mip m of the grid dilated by one cell.
+FASTNEFES_HD uint8_t mip_block_busy(const uint8_t* dilated, const int res[3], int m, int l, int n_levels,
+                                    const float* aabbs, int i, int j, int k) {
   const int r[3] = {mip_res(res[0], m), mip_res(res[1], m), mip_res(res[2], m)};
   const int b[3] = {i, j, k};
-  for (int ax = 0; ax < 3; ++ax)  // touching the border of a level inside a coarser one
+  for (int ax = 0; ax < 3; ++ax)  // grown by one cell, past the border of a level inside a coarser one
     if (l < n_levels - 1 && (b[ax] == 0 || (b[ax] + 1) << m >= res[ax])) return 1;
-  if (l > 0) {  // the block and its neighbours against the finer level's box, in this level's cells
+  if (l > 0) {  // grown by one cell, against the finer level's box (in this level's cells)
     bool overlaps = true;
     for (int ax = 0; ax < 3; ++ax) {
       const double lo = double(aabbs[6 * l + ax]), size = (double(aabbs[6 * l + 3 + ax]) - lo) / res[ax];
       const double in_lo = (double(aabbs[6 * (l - 1) + ax]) - lo) / size;
       const double in_hi = (double(aabbs[6 * (l - 1) + 3 + ax]) - lo) / size;
-      overlaps = overlaps && double((b[ax] - 1) << m) < in_hi && double((b[ax] + 2) << m) > in_lo;
+      overlaps = overlaps && double((b[ax] << m) - 1) < in_hi && double(((b[ax] + 1) << m) + 1) > in_lo;
     }
     if (overlaps) return 1;
   }
-  for (int ci = max_of(i - 1, 0); ci <= min_of(i + 1, r[0] - 1); ++ci)
-    for (int cj = max_of(j - 1, 0); cj <= min_of(j + 1, r[1] - 1); ++cj)
-      for (int ck = max_of(k - 1, 0); ck <= min_of(k + 1, r[2] - 1); ++ck)
-        if (plain[(int64_t(ci) * r[1] + cj) * r[2] + ck]) return 1;
-  return 0;
+  return dilated[(int64_t(i) * r[1] + j) * r[2] + k];
 }
 
 // The march's step positions t_k (double), the twin's closed form.
 struct StepSchedule {
   double near, step, cone, k0, t_k0, growth;
+  double inv_step, inv_log_growth;  // for index_estimate only
 
   FASTNEFES_HD StepSchedule(double near_, double step_, double cone_)
-      : near(near_), step(step_), cone(cone_), k0(0), t_k0(0), growth(1) {
+      : near(near_), step(step_), cone(cone_), k0(0), t_k0(0), growth(1), inv_step(1.0 / step_), inv_log_growth(0) {
     if (cone > 0) {
       const double t_switch = div_rn(step, cone);
       k0 = max_of(ceil_of(div_rn(sub_rn(t_switch, near), step)), 0.0);
       t_k0 = add_rn(near, mul_rn(k0, step));
       growth = add_rn(1.0, cone);
+      inv_log_growth = 1.0 / log_of(growth);
     }
   }
   FASTNEFES_HD double t(double k) const {
@@ -82,9 +111,9 @@ struct StepSchedule {
   }
   // About the k with t_k = t (a start for the exact searches below).
   FASTNEFES_HD double index_estimate(double t) const {
-    double k = (cone <= 0 || t <= t_k0) ? (t - near) / step : k0 + log_of(t / t_k0) / log_of(growth);
-    k = k == k ? floor_of(k) : 0.0;  // NaN -> 0
-    return min_of(max_of(k, 0.0), 4.0e15);
+    const double k = (cone <= 0 || t <= t_k0) ? (t - near) * inv_step : k0 + log_of(t / t_k0) * inv_log_growth;
+    if (!(k > 0)) return 0;  // and NaN
+    return k < 4.0e15 ? double(int64_t(k)) : 4.0e15;  // floor, without a libm call
   }
 };
 
@@ -128,7 +157,7 @@ FASTNEFES_HD double last_step_before(const StepSchedule& s, double t, bool inclu
     }
   }
   while (hi - lo > 1) {
-    const double m = floor_of((lo + hi) * 0.5);
+    const double m = double(int64_t((lo + hi) * 0.5));  // floor (0 <= lo < hi)
     (below(m) ? lo : hi) = m;
   }
   return lo;
@@ -148,16 +177,61 @@ FASTNEFES_HD void slab_t(const T o[3], const T d[3], const T* box, T* t_min, T* 
   }
 }
 
+// A level's box in double, for the skips: its corner, cell size per axis and smallest cell size.
+struct LevelFrame {
+  double lo[3], size[3], cell_min;
+};
+
+template <typename T>
+FASTNEFES_HD LevelFrame level_frame(const MarchArgs<T>& a, int l) {
+  LevelFrame f;
+  f.cell_min = 1e300;
+  for (int ax = 0; ax < 3; ++ax) {
+    f.lo[ax] = double(a.aabbs[6 * l + ax]);
+    f.size[ax] = (double(a.aabbs[6 * l + 3 + ax]) - f.lo[ax]) / a.res[ax];
+    f.cell_min = min_of(f.cell_min, f.size[ax]);
+  }
+  return f;
+}
+
+// What the march derives from the boxes, once per launch (CPU) or thread (CUDA): the level frames,
+// and the boxes' extents' reciprocals when x * (1 / e) rounds as the twin's x / e does on every
+// box axis: e a power of two (as the unit cube's and the contracted levels' are), both then one
+// rounding of the same value; a multiply instead of a divide per axis and level of every sample.
+template <typename T>
+struct BoxScales {
+  static constexpr int kLevels = 8;  // deeper grids divide and derive frames on the fly
+  T inv[kLevels][3];
+  LevelFrame frames[kLevels];
+  bool exact;  // all reciprocals exact: march_ray<true> multiplies
+
+  FASTNEFES_HD explicit BoxScales(const MarchArgs<T>& a) : exact(a.n_levels <= kLevels) {
+    for (int l = 0; l < min_of(a.n_levels, kLevels); ++l) {
+      frames[l] = level_frame(a, l);
+      for (int ax = 0; ax < 3; ++ax) {
+        const T e = sub_rn(a.aabbs[6 * l + 3 + ax], a.aabbs[6 * l + ax]);
+        inv[l][ax] = T(1) / e;
+        exact = exact && frexp_of(double(e)) == 0.5 && double(e) >= 0x1p-60 && double(e) <= 0x1p60;
+      }
+    }
+  }
+  FASTNEFES_HD LevelFrame frame(const MarchArgs<T>& a, int l) const {
+    return l < kLevels ? frames[l] : level_frame(a, l);
+  }
+};
+
 // The twin's occupied_at in T: occupancy of the finest level whose box contains p; that level and
 // cell in *level / cell (level -1 when no box contains p).
-template <typename T>
-FASTNEFES_HD bool occupied_at(const MarchArgs<T>& a, const T p[3], int* level, int cell[3]) {
+template <bool kScaled, typename T>
+FASTNEFES_HD bool occupied_at(const MarchArgs<T>& a, const BoxScales<T>& scales, const T p[3], int* level,
+                              int cell[3]) {
   for (int l = 0; l < a.n_levels; ++l) {
     const T* box = a.aabbs + 6 * l;
     T u[3];
     bool inside = true;
     for (int ax = 0; ax < 3; ++ax) {
-      u[ax] = div_rn(sub_rn(p[ax], box[ax]), sub_rn(box[ax + 3], box[ax]));
+      u[ax] = kScaled ? mul_rn(sub_rn(p[ax], box[ax]), scales.inv[l][ax])
+                      : div_rn(sub_rn(p[ax], box[ax]), sub_rn(box[ax + 3], box[ax]));
       inside = inside && u[ax] >= T(0) && u[ax] <= T(1);
     }
     if (!inside) continue;
@@ -198,26 +272,21 @@ constexpr double kMinSkipSteps = 8;
 // The next step index to test after the empty step k (midpoint `mid`), whose T point fell in
 // `cell` of `level`.
 template <typename T>
-FASTNEFES_HD double skip_empty(const MarchArgs<T>& a, const StepSchedule& s, const Ray64& ray, double k, double mid,
-                               int level, const int cell[3]) {
-  if (a.n_mips < 1 || !block_free(a, level, 1, cell)) return k + 1;
-  double lo[3], size[3], cell_min = 1e300;
-  for (int ax = 0; ax < 3; ++ax) {
-    lo[ax] = double(a.aabbs[6 * level + ax]);
-    size[ax] = (double(a.aabbs[6 * level + 3 + ax]) - lo[ax]) / a.res[ax];
-    cell_min = min_of(cell_min, size[ax]);
-  }
+FASTNEFES_HD double skip_empty(const MarchArgs<T>& a, const BoxScales<T>& scales, const StepSchedule& s,
+                               const Ray64& ray, double k, double mid, int level, const int cell[3]) {
+  if (a.n_mips < 1) return k + 1;
+  const LevelFrame f = scales.frame(a, level);
   // The smallest mip whose blocks span kMinSkipSteps steps, then the coarsest free block.
   const double span = kMinSkipSteps * max_of(s.step, s.cone * mid);
   int m = 1;
-  while (m < a.n_mips && double(1 << m) * cell_min < span) ++m;
-  if (double(1 << m) * cell_min < span || !block_free(a, level, m, cell)) return k + 1;
+  while (m < a.n_mips && double(1 << m) * f.cell_min < span) ++m;
+  if (double(1 << m) * f.cell_min < span || !block_free(a, level, m, cell)) return k + 1;
   while (m < a.n_mips && block_free(a, level, m + 1, cell)) ++m;
   double t_exit = 1e300;
   for (int ax = 0; ax < 3; ++ax) {
     const int first = (cell[ax] >> m) << m, last = min_of(first + (1 << m), a.res[ax]);
-    if (ray.d[ax] > 0) t_exit = min_of(t_exit, (lo[ax] + last * size[ax] - ray.o[ax]) * ray.inv_d[ax]);
-    if (ray.d[ax] < 0) t_exit = min_of(t_exit, (lo[ax] + first * size[ax] - ray.o[ax]) * ray.inv_d[ax]);
+    if (ray.d[ax] > 0) t_exit = min_of(t_exit, (f.lo[ax] + last * f.size[ax] - ray.o[ax]) * ray.inv_d[ax]);
+    if (ray.d[ax] < 0) t_exit = min_of(t_exit, (f.lo[ax] + first * f.size[ax] - ray.o[ax]) * ray.inv_d[ax]);
   }
   const double k_last = last_step_before<T>(s, t_exit, true);  // the last midpoint inside the block
   return k_last > k ? k_last + 1 : k + 1;
@@ -225,7 +294,7 @@ FASTNEFES_HD double skip_empty(const MarchArgs<T>& a, const StepSchedule& s, con
 
 // Whether skips are sound on this ray: twice a bound on how far T's point and cell arithmetic can
 // put a sample (world units; 16x the first-order terms: d * mid and o + ., p - lo, hi - lo, / and
-// * res) must stay under the smallest skipped block (2 fine cells of the finest level).
+// * res) must stay under the free blocks' margin (one cell of the finest level).
 template <typename T>
 FASTNEFES_HD bool skips_sound(const MarchArgs<T>& a, const Ray64& ray, double t_far) {
   double reach = 0, ext = 0, cell_min = 1e300;
@@ -239,9 +308,10 @@ FASTNEFES_HD bool skips_sound(const MarchArgs<T>& a, const Ray64& ray, double t_
   return error < cell_min;
 }
 
-// March ray r; emit(r, t_start, t_end) for each kept sample, in order.
-template <typename T, class Emit>
-FASTNEFES_HD void march_ray(const MarchArgs<T>& a, int64_t r, Emit& emit) {
+// March ray r; emit(r, t_start, t_end) for each kept sample, in order. scales: BoxScales(a),
+// built once per launch or thread; kScaled: scales.exact.
+template <bool kScaled, typename T, class Emit>
+FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const BoxScales<T>& scales, int64_t r, Emit& emit) {
   T o[3], d[3];
   for (int ax = 0; ax < 3; ++ax) {
     o[ax] = a.rays_o[3 * r + ax];
@@ -270,10 +340,10 @@ FASTNEFES_HD void march_ray(const MarchArgs<T>& a, int64_t r, Emit& emit) {
     T p[3];
     for (int ax = 0; ax < 3; ++ax) p[ax] = add_rn(o[ax], mul_rn(d[ax], mid));
     int level, cell[3];
-    if (occupied_at(a, p, &level, cell)) {
+    if (occupied_at<kScaled>(a, scales, p, &level, cell)) {
       emit(r, t0, t1);
     } else if (skips && level >= 0) {
-      const double next = skip_empty(a, s, ray, k, double(mid), level, cell);
+      const double next = skip_empty(a, scales, s, ray, k, double(mid), level, cell);
       if (next > k + 1) {
         k = next;
         t_k = s.t(k);
@@ -283,6 +353,15 @@ FASTNEFES_HD void march_ray(const MarchArgs<T>& a, int64_t r, Emit& emit) {
     k += 1;
     t_k = t_next;
   }
+}
+
+// march_ray with the multiply where it is exact.
+template <typename T, class Emit>
+FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const BoxScales<T>& scales, int64_t r, Emit& emit) {
+  if (scales.exact)
+    march_ray<true>(a, scales, r, emit);
+  else
+    march_ray<false>(a, scales, r, emit);
 }
 
 }  // namespace fastnefes

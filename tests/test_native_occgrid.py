@@ -73,6 +73,38 @@ def test_matches_twin_random_grids(res: int, levels: int, p: float, cone: float)
     assert_same_samples(got, ref)
 
 
+@pytest.mark.parametrize("aabb", [(-0.7, -0.3, 0.1, 0.9, 1.2, 1.0), (-1.0, -0.5, 0.0, 1.0, 1.5, 1.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_twin_boxes_not_powers_of_two(aabb, dtype) -> None:
+    """Box extents that are not powers of two (all axes, one axis): the kernel divides there, as
+    the twin does; where they are, it multiplies by the exact reciprocal."""
+    grid = random_grid(20, 3, 0.06, seed=21, aabb=aabb)
+    o, d = rays_at(400, seed=22, dtype=dtype)
+    near, far = torch.zeros(400, dtype=dtype), torch.full((400,), 1e10, dtype=dtype)
+    got, ref = march_both(grid, o, d, near, far, 0.011)
+    assert ref[0].numel() > 200
+    assert_same_samples(got, ref)
+
+
+def test_divides_where_the_reciprocal_is_inexact() -> None:
+    """Samples on and one float next to the cell borders of a box whose extent is not a power of
+    two: there x * (1 / e) and x / e pick different cells at some points (asserted), and the
+    kernel must pick the twin's."""
+    lo, hi, res, step = -0.35, 0.4, 15, 2.0**-6
+    grid = OccupancyGrid(aabb=(lo, lo, lo, hi, hi, hi), resolution=res, levels=1)
+    grid.binaries[0, ::2] = True  # slabs alternating along x
+    low, extent = torch.tensor(lo), torch.tensor(hi) - torch.tensor(lo)
+    x = low + torch.arange(1, res) * extent / res
+    xs = torch.cat([x, x.nextafter(x + 1), x.nextafter(x - 1)])
+    xs = xs[(xs - step / 2) + step / 2 == xs]  # one sample per ray, from an origin placing it on xs exactly
+    assert (((xs - low) / extent * res).long() != ((xs - low) * (1 / extent) * res).long()).any()
+    o = torch.stack([xs - step / 2, torch.full_like(xs, 0.03), torch.full_like(xs, 0.03)], -1)
+    d = torch.tensor([[1.0, 0.0, 0.0]]).expand_as(o).contiguous()
+    got, ref = march_both(grid, o, d, torch.zeros(len(xs)), torch.full((len(xs),), step), step)
+    assert 0 < ref[0].numel() < len(xs)
+    assert_same_samples(got, ref)
+
+
 @pytest.mark.parametrize("cone", [0.0, 0.03])
 def test_matches_twin_float64(cone: float) -> None:
     grid = random_grid(16, 2, 0.1, seed=3)
@@ -172,8 +204,9 @@ def test_mips_follow_in_place_updates(monkeypatch) -> None:
 
 
 def test_mips_free_blocks() -> None:
-    """A mip block is free to skip when it and its neighbours are empty, it does not touch an inner
-    level's border, and it keeps clear of the finer level's box."""
+    """A mip block is free to skip when no occupied cell lies in it or within one cell of it, it
+    does not touch an inner level's border, and, grown by one cell, it keeps clear of the finer
+    level's box."""
     grid = OccupancyGrid(aabb=(0, 0, 0, 1, 1, 1), resolution=16, levels=2)
     grid.binaries[1, 12, 12, 12] = True  # level 1 (the box [-0.5, 1.5]^3), mip-1 block (6, 6, 6)
     mips = occupancy_mips(grid.binaries, grid.aabbs)
@@ -183,9 +216,11 @@ def test_mips_free_blocks() -> None:
     inner, outer = mip1[0], mip1[1]
     # level 0 (inside level 1): its border blocks may round into level 1: never free
     assert inner[0].all() and inner[:, 7].all() and not inner[2:6, 2:6, 2:6].any()
-    # level 1: the occupied block and its 26 neighbours are not free, nor the blocks around level 0's box
-    assert outer[5:8, 5:8, 5:8].all() and not outer[0, 0, 0] and outer[2:6, 2:6, 2:6].all()
-    assert int((outer == 0).sum()) > 200
+    # level 1: the blocks within one cell of cell 12 (blocks 5 and 6 per axis) are not free, nor
+    # those within one cell of level 0's box (cells 4..12: blocks 1..6); block 7 (cells 14, 15) is
+    assert outer[5:7, 5:7, 5:7].all() and outer[1:7, 1:7, 1:7].all()
+    assert not outer[7, 7, 7] and not outer[0, 0, 0] and not outer[7, 6, 6]
+    assert int((outer == 0).sum()) == 8**3 - 6**3
 
 
 def test_backend_order(monkeypatch) -> None:
