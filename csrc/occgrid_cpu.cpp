@@ -75,11 +75,25 @@ int64_t occgrid_mips_scratch(const int res[3], int n_levels) {
          n_levels * (halve_pass(res, 0).out_cells() + halve_pass(res, 1).out_cells());
 }
 
+// Serial below a few million cells: a parallel region costs more than that work when the cores
+// are shared (each barrier waits for a descheduled thread).
+constexpr int64_t kParallelCells = int64_t(1) << 21;
+
+// fn(l, i, j, k, flat) for every cell of n_levels grids of dims d (x-major), rows (l, i) in
+// parallel: no division per cell.
+template <class Fn>
+void for_each_cell(int n_levels, const int d[3], int n_threads, const Fn& fn) {
+  const int64_t rows = int64_t(n_levels) * d[0];
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (rows * d[1] * d[2] > kParallelCells)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int l = int(row / d[0]), i = int(row % d[0]);
+    for (int j = 0; j < d[1]; ++j)
+      for (int k = 0; k < d[2]; ++k) fn(l, i, j, k, (row * d[1] + j) * d[2] + k);
+  }
+}
+
 void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* scratch,
                       uint8_t* mips, int n_threads) {
-  // Serial below a few million cells: a parallel region costs more than that work when the
-  // cores are shared (each barrier waits for a descheduled thread).
-  constexpr int64_t kParallelCells = int64_t(1) << 21;
   int n_mips;
   uint8_t* pass_out[3];  // the passes' outputs: two temporaries, then mip 1 of the dilated pyramid
   pass_out[0] = scratch + plan_pyramid(res, n_levels, &n_mips, nullptr);
@@ -89,34 +103,32 @@ void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels,
   const uint8_t* src = binaries;
   for (int pass = 0; pass < 3; ++pass) {
     const HalvePass p = halve_pass(res, pass);
-    const int64_t n = n_levels * p.out_cells();
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n > kParallelCells)
-    for (int64_t c = 0; c < n; ++c) {
-      const int64_t l = c / p.out_cells(), i = c % p.out_cells();
-      pass_out[pass][c] = halve_dilated(src + l * p.in_cells(), p.in, p.axis, int(i / (int64_t(p.out[1]) * p.out[2])),
-                                        int(i / p.out[2] % p.out[1]), int(i % p.out[2]));
-    }
-    src = pass_out[pass];
+    uint8_t* out = pass_out[pass];
+    for_each_cell(n_levels, p.out, n_threads, [&](int l, int i, int j, int k, int64_t c) {
+      const uint8_t* level = src + l * p.in_cells();
+      out[c] = p.axis == 2   ? halve_dilated<2>(level, p.in, i, j, k)
+               : p.axis == 1 ? halve_dilated<1>(level, p.in, i, j, k)
+                             : halve_dilated<0>(level, p.in, i, j, k);
+    });
+    src = out;
   }
+  std::vector<double> finer(6 * n_levels, 0.0);  // per level: finer_box_in_cells lo, hi
+  for (int l = 1; l < n_levels; ++l) finer_box_in_cells(aabbs, l, res, &finer[6 * l], &finer[6 * l + 3]);
   int64_t offset = 0;
   for (int m = 1; m <= n_mips; ++m) {
-    const int r1 = mip_res(res[1], m), r2 = mip_res(res[2], m);
+    const int d[3] = {mip_res(res[0], m), mip_res(res[1], m), mip_res(res[2], m)};
     const int64_t cells = mip_cells(res, m), child_cells = mip_cells(res, m - 1);
+    uint8_t* dilated = scratch + offset;
     if (m > 1) {
-      const uint8_t* child = scratch + offset - n_levels * child_cells;
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_levels * cells > kParallelCells)
-      for (int64_t c = 0; c < n_levels * cells; ++c) {
-        const int64_t l = c / cells, i = c % cells;
-        scratch[offset + c] = mip_cell(child + l * child_cells, res, m, int(i / (int64_t(r1) * r2)), int(i / r2 % r1),
-                                       int(i % r2));
-      }
+      const uint8_t* child = dilated - n_levels * child_cells;
+      for_each_cell(n_levels, d, n_threads, [&](int l, int i, int j, int k, int64_t c) {
+        dilated[c] = mip_cell(child + l * child_cells, res, m, i, j, k);
+      });
     }
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_levels * cells > kParallelCells)
-    for (int64_t c = 0; c < n_levels * cells; ++c) {
-      const int64_t l = c / cells, i = c % cells;
-      mips[offset + c] = mip_block_busy(scratch + offset + l * cells, res, m, int(l), n_levels, aabbs,
-                                        int(i / (int64_t(r1) * r2)), int(i / r2 % r1), int(i % r2));
-    }
+    for_each_cell(n_levels, d, n_threads, [&](int l, int i, int j, int k, int64_t c) {
+      mips[offset + c] = mip_block_busy(dilated + l * cells, res, m, l, n_levels, &finer[6 * l], &finer[6 * l + 3], i,
+                                        j, k);
+    });
     offset += n_levels * cells;
   }
 }

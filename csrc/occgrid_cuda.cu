@@ -55,12 +55,13 @@ __global__ void fill_kernel(MarchArgs<T> a, const int64_t* offsets, int64_t* ray
   march_ray(a, BoxScales<T>(a), r, emit);
 }
 
+template <int kAxis>
 __global__ void halve_dilated_kernel(const uint8_t* src, uint8_t* out, int n_levels, HalvePass p) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= n_levels * p.out_cells()) return;
   const int64_t l = c / p.out_cells(), i = c % p.out_cells();
-  out[c] = halve_dilated(src + l * p.in_cells(), p.in, p.axis, int(i / (int64_t(p.out[1]) * p.out[2])),
-                         int(i / p.out[2] % p.out[1]), int(i % p.out[2]));
+  out[c] = halve_dilated<kAxis>(src + l * p.in_cells(), p.in, int(i / (int64_t(p.out[1]) * p.out[2])),
+                                int(i / p.out[2] % p.out[1]), int(i % p.out[2]));
 }
 
 __global__ void mip_kernel(const uint8_t* child, uint8_t* mip, int n_levels, int m, int res0, int res1, int res2) {
@@ -82,7 +83,9 @@ __global__ void mip_busy_kernel(const uint8_t* dilated, const float* aabbs, uint
   if (c >= n_levels * cells) return;
   const int r1 = mip_res(res1, m), r2 = mip_res(res2, m);
   const int64_t l = c / cells, i = c % cells;
-  mip[c] = mip_block_busy(dilated + l * cells, res, m, int(l), n_levels, aabbs, int(i / (int64_t(r1) * r2)),
+  double finer[6] = {0, 0, 0, 0, 0, 0};
+  if (l > 0) finer_box_in_cells(aabbs, int(l), res, finer, finer + 3);
+  mip[c] = mip_block_busy(dilated + l * cells, res, m, int(l), n_levels, finer, finer + 3, int(i / (int64_t(r1) * r2)),
                           int(i / r2 % r1), int(i % r2));
 }
 
@@ -128,7 +131,8 @@ void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels
   const uint8_t* src = binaries;
   for (int pass = 0; pass < 3; ++pass) {
     const HalvePass p = halve_pass(res, pass);
-    halve_dilated_kernel<<<blocks_for(n_levels * p.out_cells()), kBlock, 0, s>>>(src, pass_out[pass], n_levels, p);
+    const auto kernel = p.axis == 2 ? halve_dilated_kernel<2> : p.axis == 1 ? halve_dilated_kernel<1> : halve_dilated_kernel<0>;
+    kernel<<<blocks_for(n_levels * p.out_cells()), kBlock, 0, s>>>(src, pass_out[pass], n_levels, p);
     src = pass_out[pass];
   }
   int64_t offset = 0;

@@ -40,16 +40,16 @@ FASTNEFES_HD uint8_t mip_cell(const uint8_t* child, const int res[3], int m, int
 }
 
 // Mip 1 of the grid dilated by one cell, in three separable passes, each halving one axis: cell
-// (i, j, k) of the output ORs the source cells 2 x - 1 .. 2 x + 2 along `axis` (x: i, j or k),
-// clamped to the source's n[axis]; the other two indices pass through.
-FASTNEFES_HD uint8_t halve_dilated(const uint8_t* src, const int n[3], int axis, int i, int j, int k) {
-  int idx[3] = {i, j, k};
-  const int x = idx[axis];
-  for (int s = max_of(2 * x - 1, 0); s <= min_of(2 * x + 2, n[axis] - 1); ++s) {
-    idx[axis] = s;
-    if (src[(int64_t(idx[0]) * n[1] + idx[1]) * n[2] + idx[2]]) return 1;
-  }
-  return 0;
+// (i, j, k) of the output ORs the source cells 2 x - 1 .. 2 x + 2 along kAxis (x: i, j or k),
+// clamped to the source's n[kAxis]; the other two indices pass through.
+template <int kAxis>
+FASTNEFES_HD uint8_t halve_dilated(const uint8_t* src, const int n[3], int i, int j, int k) {
+  const int64_t stride = kAxis == 0 ? int64_t(n[1]) * n[2] : kAxis == 1 ? n[2] : 1;
+  const int x = kAxis == 0 ? i : kAxis == 1 ? j : k;
+  const int64_t base = (int64_t(kAxis == 0 ? 0 : i) * n[1] + (kAxis == 1 ? 0 : j)) * n[2] + (kAxis == 2 ? 0 : k);
+  uint8_t v = 0;
+  for (int s = max_of(2 * x - 1, 0); s <= min_of(2 * x + 2, n[kAxis] - 1); ++s) v |= src[base + s * stride];
+  return v;
 }
 
 // The three halve_dilated passes: along k, then j, then i; the last one's output is mip 1.
@@ -69,25 +69,30 @@ FASTNEFES_HD HalvePass halve_pass(const int res[3], int pass) {
   return p;
 }
 
+// The box of level l - 1 (l >= 1) in level l's cell units: lo[3], hi[3] (for mip_block_busy).
+FASTNEFES_HD void finer_box_in_cells(const float* aabbs, int l, const int res[3], double lo[3], double hi[3]) {
+  for (int ax = 0; ax < 3; ++ax) {
+    const double corner = double(aabbs[6 * l + ax]), size = (double(aabbs[6 * l + 3 + ax]) - corner) / res[ax];
+    lo[ax] = (double(aabbs[6 * (l - 1) + ax]) - corner) / size;
+    hi[ax] = (double(aabbs[6 * (l - 1) + 3 + ax]) - corner) / size;
+  }
+}
+
 // A cell of the skip's mip m (>= 1) of level l: 1 (busy) unless the block is free to skip (see
-// the file comment). `dilated`: that level's cells of mip m of the grid dilated by one cell.
+// the file comment). `dilated`: that level's cells of mip m of the grid dilated by one cell;
+// finer_lo / finer_hi: finer_box_in_cells of level l (unused for l = 0).
 FASTNEFES_HD uint8_t mip_block_busy(const uint8_t* dilated, const int res[3], int m, int l, int n_levels,
-                                    const float* aabbs, int i, int j, int k) {
-  const int r[3] = {mip_res(res[0], m), mip_res(res[1], m), mip_res(res[2], m)};
+                                    const double finer_lo[3], const double finer_hi[3], int i, int j, int k) {
   const int b[3] = {i, j, k};
   for (int ax = 0; ax < 3; ++ax)  // grown by one cell, past the border of a level inside a coarser one
     if (l < n_levels - 1 && (b[ax] == 0 || (b[ax] + 1) << m >= res[ax])) return 1;
-  if (l > 0) {  // grown by one cell, against the finer level's box (in this level's cells)
+  if (l > 0) {  // grown by one cell, against the finer level's box
     bool overlaps = true;
-    for (int ax = 0; ax < 3; ++ax) {
-      const double lo = double(aabbs[6 * l + ax]), size = (double(aabbs[6 * l + 3 + ax]) - lo) / res[ax];
-      const double in_lo = (double(aabbs[6 * (l - 1) + ax]) - lo) / size;
-      const double in_hi = (double(aabbs[6 * (l - 1) + 3 + ax]) - lo) / size;
-      overlaps = overlaps && double((b[ax] << m) - 1) < in_hi && double(((b[ax] + 1) << m) + 1) > in_lo;
-    }
+    for (int ax = 0; ax < 3; ++ax)
+      overlaps = overlaps && double((b[ax] << m) - 1) < finer_hi[ax] && double(((b[ax] + 1) << m) + 1) > finer_lo[ax];
     if (overlaps) return 1;
   }
-  return dilated[(int64_t(i) * r[1] + j) * r[2] + k];
+  return dilated[(int64_t(i) * mip_res(res[1], m) + j) * mip_res(res[2], m) + k];
 }
 
 // The march's step positions t_k (double), the twin's closed form.
