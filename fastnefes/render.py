@@ -197,10 +197,15 @@ def render_pixels(model: FeatureFieldModel, K: Tensor, c2w: Tensor, pixels: Tens
             fused_map = model.fusion(result["rgb"].permute(0, 3, 1, 2), result["features"].permute(0, 3, 1, 2))
         result["fused"] = fused_map.permute(0, 2, 3, 1)
     if act_histograms is not None and model.act is not None:
-        Kc, b = model.act.transform(act_histograms.to(device))
-        rgb = result["rgb"].reshape(B, -1, 3)
-        result["rgb_act"] = model.act.apply_transform(rgb, Kc[:, None], b[:, None]).reshape(B, h, w, 3)
+        result["rgb_act"] = exposure_adapted(model, result["rgb"], act_histograms)
     return result
+
+
+def exposure_adapted(model: FeatureFieldModel, rgb: Tensor, histograms: Tensor) -> Tensor:
+    """Rendered colour [B,h,w,3] through the ACT predicted from each view's luma histogram [B, bins]."""
+    B = rgb.shape[0]
+    Kc, b = model.act.transform(histograms.to(rgb.device))
+    return model.act.apply_transform(rgb.reshape(B, -1, 3), Kc[:, None], b[:, None]).reshape(rgb.shape)
 
 
 def render_image(model: FeatureFieldModel, K: Tensor, c2w: Tensor, height: int, width: int, stride: int = 1,

@@ -130,3 +130,63 @@ def test_a_subset_polish_is_undone_where_every_pixel_says_it_hurt(tiny_run, tiny
     assert seen == [50]
     moved, turned = pose_errors(res.poses, plain.poses)
     assert moved.max() < 1e-6 and turned.max() < 1e-4  # the feature phase's result, not the polish's
+
+
+def test_fixed_jacobian_polish_renders_colours_only_after_its_first_evaluation(tiny_run, tiny_scene, monkeypatch):
+    """polish_fixed_jacobian: one Jacobian per query, then colour-only renders; the polish still
+    never raises the loss and still moves."""
+    import fastnefes.refine.gauss_newton as gn
+
+    _, model = tiny_run
+    images, K, gt = query_views(tiny_scene, 2)
+    init = perturb_poses(gt, 1.0, 0.02, seed=5)
+    calls = []
+
+    def counting(*args, with_jacobian=True, **kw):
+        calls.append(with_jacobian)
+        return photometric_jacobian(*args, with_jacobian=with_jacobian, **kw)
+
+    monkeypatch.setattr(gn, "photometric_jacobian", counting)
+    cfg = RefineConfig(iters=0, polish_iters=4, polish_levels=1, polish_stride=2, verify=False,
+                       polish_fixed_jacobian=True)
+    refiner = Refiner(model, cfg)
+    res = refiner.refine(images, K, init)
+    assert calls[0] and len(calls) >= 2 and not any(calls[1:])
+    target = refiner.encode_queries(images, "rgb", 2)
+    Kt = torch.tensor(K, dtype=torch.float32)
+    with torch.no_grad():
+        before = refiner._loss_at(Kt, torch.tensor(init, dtype=torch.float32), target, 48, 64, 2, signal="rgb")
+        after = refiner._loss_at(Kt, torch.tensor(res.poses, dtype=torch.float32), target, 48, 64, 2, signal="rgb")
+    assert torch.all(after <= before + 1e-7) and torch.any(after < 0.95 * before), (before, after)
+
+
+def test_views_rendered_again_in_one_refinement_are_reused(tiny_run, tiny_scene, monkeypatch):
+    """With every stride equal (tracking's setting) the initial loss, the polish's judge and the
+    pixel check render the same views: the refinement renders each once, with the same results
+    as rendering every time."""
+    import fastnefes.render as render_module
+    from fastnefes.refine.render_memo import RenderMemo
+
+    _, model = tiny_run
+    images, K, gt = query_views(tiny_scene, 2)
+    init = perturb_poses(gt, 1.0, 0.02, seed=6)
+    cfg = RefineConfig(signal="rgb", iters=0, search_pad=0.0, stride=4, polish_levels=1, polish_stride=4,
+                       polish_rays=100, polish_iters=3, verify_rays=192)
+    renders = []
+    plain_render = render_module.render_image
+
+    def counting(*args, **kw):
+        renders.append(1)
+        return plain_render(*args, **kw)
+
+    monkeypatch.setattr(render_module, "render_image", counting)
+    reused = Refiner(model, cfg).refine(images, K, init)
+    n_reused, renders[:] = len(renders), []
+    monkeypatch.setattr(RenderMemo, "render", lambda self, K, c2w, h, w, stride, fused: counting(
+        self.model, K, c2w, h, w, stride=stride, fused=fused))
+    fresh = Refiner(model, cfg).refine(images, K, init)
+    assert n_reused + 4 <= len(renders)  # initial pose: 3 renders -> 1, refined: 3 -> 1
+    assert (reused.poses == fresh.poses).all()
+    for a, b in zip(reused.diagnostics, fresh.diagnostics):
+        assert (a.status, a.initial_loss, a.final_loss, a.ssim_initial, a.ssim_refined) == \
+               (b.status, b.initial_loss, b.final_loss, b.ssim_initial, b.ssim_refined)

@@ -184,7 +184,7 @@ def levenberg_marquardt_phase(model, K: Tensor, init: Tensor, target: Tensor, he
                               iters: int, delta: Tensor, failed: Tensor, counts: Tensor, tol: Tensor, max_step: Tensor,
                               damping: float = 1e-2, luma: bool = False, progress: Optional[Callable[[int], None]] = None,
                               max_rays: int = 0, band_samples: int = 0, remarch_fraction: float = 0.5,
-                              ftol: float = 0.0) -> Tensor:
+                              ftol: float = 0.0, fixed_jacobian: bool = False) -> Tensor:
     """Minimise the mean squared RGB error over delta [B, 6] (increments on init [B, 4, 4]) in
     place, per query, by `levenberg_marquardt`.
 
@@ -197,6 +197,9 @@ def levenberg_marquardt_phase(model, K: Tensor, init: Tensor, target: Tensor, he
     with forward-mode Jacobians (fastnefes.refine.pose_jacobian), marched again where the camera
     moved more than remarch_fraction of the band's half width; 0 marches every ray at every
     iteration, Jacobians by reverse mode (photometric_jacobian).
+    fixed_jacobian: keep each query's Jacobian of its first evaluation (with band_samples 0): later
+    iterations render colours only, J^T r from the new residuals (direct visual odometry's trick
+    where the pose moves little; a step is still kept only when it lowers the loss).
     Marks failed [B], counts renders in counts [B], and returns the [B] bool of queries that
     stopped early.
     """
@@ -213,11 +216,18 @@ def levenberg_marquardt_phase(model, K: Tensor, init: Tensor, target: Tensor, he
     if mix is not None:
         colours = colours @ mix.t()
     sampler = RaySampler(model, K, pixels, band_samples, remarch_fraction) if band_samples > 0 else None
+    kept_J: dict[int, Tensor] = {}  # fixed_jacobian: query -> [N, C, 6]
 
     def evaluate(rows: Tensor, poses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         pix = pixels if pixels.dim() == 2 else pixels[rows]
-        if sampler is None:
-            rgb, J = photometric_jacobian(model, K[rows], poses, torch.zeros(len(rows), 6, device=dev), pix, mix=mix)
+        zero = torch.zeros(len(rows), 6, device=dev)
+        if sampler is None and fixed_jacobian and all(int(r) in kept_J for r in rows):
+            rgb, _ = photometric_jacobian(model, K[rows], poses, zero, pix, with_jacobian=False, mix=mix)
+            J = torch.stack([kept_J[int(r)] for r in rows])
+        elif sampler is None:
+            rgb, J = photometric_jacobian(model, K[rows], poses, zero, pix, mix=mix)
+            if fixed_jacobian:
+                kept_J.update({int(r): J[i] for i, r in enumerate(rows)})
         else:
             out = render_with_jacobian(model, sampler, rows, poses, with_features=False)
             rgb, J = out.rgb, out.d_rgb

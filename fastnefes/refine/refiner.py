@@ -33,6 +33,7 @@ from fastnefes.refine.gauss_newton import levenberg_marquardt_phase
 from fastnefes.refine.losses import feature_metric_loss, photometric_loss
 from fastnefes.refine.phases import Phase
 from fastnefes.refine.pose_jacobian import render_with_jacobian
+from fastnefes.refine.render_memo import RenderMemo
 from fastnefes.refine.result import QueryDiagnostics, RefineResult
 from fastnefes.refine.surface import RaySampler
 from fastnefes.timing import section
@@ -72,6 +73,17 @@ class Refiner:
         self.model = model.eval()
         self.config = config or RefineConfig()
         self.device = next(model.parameters()).device
+        self.memo: Optional[RenderMemo] = None  # set during refine()
+
+    @contextmanager
+    def _render_memo(self):
+        """Context of one refine call: whole-view renders without gradients are reused
+        (fastnefes.refine.render_memo)."""
+        self.memo = RenderMemo(self.model)
+        try:
+            yield
+        finally:
+            self.memo = None
 
     def frozen_model(self):
         """Context: the model's weights do not require gradients (pose gradients only)."""
@@ -122,7 +134,10 @@ class Refiner:
 
         rgb_only = (signal or self.config.signal) == "rgb"
         if sampler is None:
-            out = render_image(self.model, K, c2w, height, width, stride=stride, fused=not rgb_only)
+            if self.memo is not None:
+                out = self.memo.render(K, c2w, height, width, stride, fused=not rgb_only)
+            else:
+                out = render_image(self.model, K, c2w, height, width, stride=stride, fused=not rgb_only)
             return out["rgb" if rgb_only else "fused"].permute(0, 3, 1, 2)
         out = render_with_jacobian(self.model, sampler, rows, c2w, with_features=not rgb_only, jacobian=False)
         h, w = height // stride, width // stride
@@ -165,7 +180,7 @@ class Refiner:
             apr: the APR module, for target "apr".
             progress: called with the number of queries finished.
         """
-        with self.frozen_model():
+        with self.frozen_model(), self._render_memo():
             result = self._refine(images, K, init_c2w, apr, progress)
             if self.config.verify and self.config.verify_rays > 0:
                 from fastnefes.refine.verify import apply_verification
@@ -174,7 +189,7 @@ class Refiner:
                 with section("verification"):
                     apply_verification(self.model, np.asarray(images), np.asarray(K), result,
                                        self.config.verify_rays, self.config.verify_margin,
-                                       self.config.verify_min_fraction)
+                                       self.config.verify_min_fraction, render=self.memo.render)
                 share = (time.perf_counter() - t0) / max(len(result.diagnostics), 1)
                 for d in result.diagnostics:  # latency includes the check
                     d.wall_time_s += share
@@ -295,7 +310,8 @@ class Refiner:
                                                           delta, failed, iters, self._tolerance(), self._max_step(),
                                                           cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays,
                                                           band_samples=cfg.band_samples,
-                                                          remarch_fraction=cfg.remarch_fraction, ftol=cfg.lm_ftol)
+                                                          remarch_fraction=cfg.remarch_fraction, ftol=cfg.lm_ftol,
+                                                          fixed_jacobian=cfg.polish_fixed_jacobian)
                     continue
                 with self._undone_unless_lower(K, base, delta, failed, target, H, W, phase.stride, phase.signal):
                     converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -45,14 +46,18 @@ def verification_stride(height: int, width: int, rays: int) -> int:
 
 @torch.no_grad()
 def render_for_verification(model, K: Tensor, c2w: Tensor, height: int, width: int, stride: int,
-                            histograms: Tensor | None) -> tuple[Tensor, Tensor]:
+                            histograms: Tensor | None, render: Optional[Callable] = None) -> tuple[Tensor, Tensor]:
     """(RGB [B,3,h,w] through the query's exposure transform where the model has one,
-    opacity [B,h,w]) at poses c2w [B,4,4]."""
-    from fastnefes.render import render_image
+    opacity [B,h,w]) at poses c2w [B,4,4]. render(K, c2w, height, width, stride, fused): the
+    whole-view renderer (default fastnefes.render.render_image; a refinement's RenderMemo)."""
+    from fastnefes.render import exposure_adapted, render_image
 
-    out = render_image(model, K, c2w, height, width, stride=stride, fused=False, act_histograms=histograms)
-    rgb = out.get("rgb_act", out["rgb"]).clamp(0, 1)
-    return rgb.permute(0, 3, 1, 2), out["opacity"]
+    if render is None:
+        out = render_image(model, K, c2w, height, width, stride=stride, fused=False)
+    else:
+        out = render(K, c2w, height, width, stride, fused=False)
+    rgb = out["rgb"] if histograms is None else exposure_adapted(model, out["rgb"], histograms)
+    return rgb.clamp(0, 1).permute(0, 3, 1, 2), out["opacity"]
 
 
 def _masked_scores(rendered: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,7 +79,7 @@ def _masked_scores(rendered: Tensor, query: Tensor, mask: Tensor) -> tuple[Tenso
 
 @torch.no_grad()
 def verify_refinement(model, images: np.ndarray | Tensor, K: Tensor, initial: Tensor, refined: Tensor,
-                      rays: int = 4800, margin: float = 0.0) -> Verdict:
+                      rays: int = 4800, margin: float = 0.0, render: Optional[Callable] = None) -> Verdict:
     """Judge refined poses against initial ones by the query images.
 
     Args:
@@ -82,6 +87,7 @@ def verify_refinement(model, images: np.ndarray | Tensor, K: Tensor, initial: Te
         initial, refined: [B,4,4] camera-to-world poses (dataset frame).
         rays: pixels rendered per view and pose (sets the stride).
         margin: SSIM the refined pose must gain over the initial one to be kept.
+        render: the whole-view renderer (render_for_verification).
     Returns:
         Verdict with [B] tensors. A query whose renderings share no content pixel, or whose
         scores are not finite, is not accepted (coverage 0, confidence 0).
@@ -95,13 +101,11 @@ def verify_refinement(model, images: np.ndarray | Tensor, K: Tensor, initial: Te
     hist = luma_histogram(x.cpu(), model.config.act_bins).to(device) if getattr(model, "act", None) is not None else None
     query = F.interpolate(x.permute(0, 3, 1, 2).float() / 255.0, size=(H // stride, W // stride), mode="area")
     K, initial, refined = (t.to(device=device, dtype=torch.float32) for t in (K, initial, refined))
-    poses = torch.cat([initial, refined])
-    rgb, opacity = render_for_verification(model, K.repeat(2, 1, 1), poses, H, W, stride,
-                                           None if hist is None else hist.repeat(2, 1))
-    mask = (opacity[:B] > MIN_OPACITY) & (opacity[B:] > MIN_OPACITY)
+    (rgb0, opacity0), (rgb1, opacity1) = (render_for_verification(model, K, poses, H, W, stride, hist, render)
+                                          for poses in (initial, refined))
+    mask = (opacity0 > MIN_OPACITY) & (opacity1 > MIN_OPACITY)
     coverage = mask.flatten(1).float().mean(1)
-    scores = [_masked_scores(rgb[k * B:(k + 1) * B], query, mask) for k in (0, 1)]
-    (ssim0, psnr0), (ssim1, psnr1) = scores
+    (ssim0, psnr0), (ssim1, psnr1) = (_masked_scores(rgb, query, mask) for rgb in (rgb0, rgb1))
     finite = torch.isfinite(ssim0) & torch.isfinite(ssim1) & (coverage > 0)
     accept = finite & (ssim1 > ssim0 + margin)
     returned = torch.where(accept, ssim1, ssim0)
@@ -133,7 +137,7 @@ def calibrate_pixel_check(model, scene, rays: int = 4800, views: int = REFERENCE
 
 
 def apply_verification(model, images: np.ndarray, K: np.ndarray, result, rays: int = 4800,
-                       margin: float = 0.0, min_fraction: float = 0.6):
+                       margin: float = 0.0, min_fraction: float = 0.6, render: Optional[Callable] = None):
     """Judge a RefineResult by the query pixels, in place. A candidate pose (status converged or
     max_iters) is replaced by the initial pose (status kept_initial, rejected_by_pixels set) when
     its rendering does not match the query better than the initial pose's, or, where the model
@@ -146,7 +150,8 @@ def apply_verification(model, images: np.ndarray, K: np.ndarray, result, rays: i
         return result
     verdict = verify_refinement(model, images, torch.as_tensor(np.asarray(K), dtype=torch.float32),
                                 torch.as_tensor(result.initial, dtype=torch.float32),
-                                torch.as_tensor(result.poses, dtype=torch.float32), rays=rays, margin=margin)
+                                torch.as_tensor(result.poses, dtype=torch.float32), rays=rays, margin=margin,
+                                render=render)
     reference = getattr(model, "pixel_reference", None)
     floor = -math.inf if reference is None else min_fraction * reference
     for i, diag in enumerate(result.diagnostics):
