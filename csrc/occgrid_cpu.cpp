@@ -45,9 +45,9 @@ MarchParts<T> occgrid_march_cpu(const MarchArgs<T>& a, int n_threads) {
   for (int64_t part = 0; part < int64_t(parts.size()); ++part) {
     parts[part].reserve(kRaysPerPart * 16);  // typical samples per ray: fewer reallocations
     PartEmit<T> emit{&parts[part]};
-    const BoxScales<T> scales(a);
+    const MarchBoxes<T> boxes(a);
     const int64_t stop = std::min(a.n_rays, (part + 1) * kRaysPerPart);
-    for (int64_t r = part * kRaysPerPart; r < stop; ++r) march_ray(a, scales, r, emit);
+    for (int64_t r = part * kRaysPerPart; r < stop; ++r) march_ray(a, boxes, r, emit);
   }
   return parts;
 }

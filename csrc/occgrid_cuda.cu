@@ -43,7 +43,7 @@ __global__ void count_kernel(MarchArgs<T> a, int64_t* counts) {
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= a.n_rays) return;
   CountEmit<T> emit;
-  march_ray(a, BoxScales<T>(a), r, emit);
+  march_ray(a, MarchBoxes<T>(a), r, emit);
   counts[r] = emit.n;
 }
 
@@ -52,7 +52,7 @@ __global__ void fill_kernel(MarchArgs<T> a, const int64_t* offsets, int64_t* ray
   const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= a.n_rays) return;
   FillEmit<T> emit{offsets[r], rays, t0, t1};
-  march_ray(a, BoxScales<T>(a), r, emit);
+  march_ray(a, MarchBoxes<T>(a), r, emit);
 }
 
 template <int kAxis>

@@ -204,13 +204,13 @@ FASTNEFES_HD LevelFrame level_frame(const MarchArgs<T>& a, int l) {
 // box axis: e a power of two (as the unit cube's and the contracted levels' are), both then one
 // rounding of the same value; a multiply instead of a divide per axis and level of every sample.
 template <typename T>
-struct BoxScales {
+struct MarchBoxes {
   static constexpr int kLevels = 8;  // deeper grids divide and derive frames on the fly
   T inv[kLevels][3];
   LevelFrame frames[kLevels];
   bool exact;  // all reciprocals exact: march_ray<true> multiplies
 
-  FASTNEFES_HD explicit BoxScales(const MarchArgs<T>& a) : exact(a.n_levels <= kLevels) {
+  FASTNEFES_HD explicit MarchBoxes(const MarchArgs<T>& a) : exact(a.n_levels <= kLevels) {
     for (int l = 0; l < min_of(a.n_levels, kLevels); ++l) {
       frames[l] = level_frame(a, l);
       for (int ax = 0; ax < 3; ++ax) {
@@ -228,14 +228,14 @@ struct BoxScales {
 // The twin's occupied_at in T: occupancy of the finest level whose box contains p; that level and
 // cell in *level / cell (level -1 when no box contains p).
 template <bool kScaled, typename T>
-FASTNEFES_HD bool occupied_at(const MarchArgs<T>& a, const BoxScales<T>& scales, const T p[3], int* level,
+FASTNEFES_HD bool occupied_at(const MarchArgs<T>& a, const MarchBoxes<T>& boxes, const T p[3], int* level,
                               int cell[3]) {
   for (int l = 0; l < a.n_levels; ++l) {
     const T* box = a.aabbs + 6 * l;
     T u[3];
     bool inside = true;
     for (int ax = 0; ax < 3; ++ax) {
-      u[ax] = kScaled ? mul_rn(sub_rn(p[ax], box[ax]), scales.inv[l][ax])
+      u[ax] = kScaled ? mul_rn(sub_rn(p[ax], box[ax]), boxes.inv[l][ax])
                       : div_rn(sub_rn(p[ax], box[ax]), sub_rn(box[ax + 3], box[ax]));
       inside = inside && u[ax] >= T(0) && u[ax] <= T(1);
     }
@@ -277,10 +277,10 @@ constexpr double kMinSkipSteps = 8;
 // The next step index to test after the empty step k (midpoint `mid`), whose T point fell in
 // `cell` of `level`.
 template <typename T>
-FASTNEFES_HD double skip_empty(const MarchArgs<T>& a, const BoxScales<T>& scales, const StepSchedule& s,
+FASTNEFES_HD double skip_empty(const MarchArgs<T>& a, const MarchBoxes<T>& boxes, const StepSchedule& s,
                                const Ray64& ray, double k, double mid, int level, const int cell[3]) {
   if (a.n_mips < 1) return k + 1;
-  const LevelFrame f = scales.frame(a, level);
+  const LevelFrame f = boxes.frame(a, level);
   // The smallest mip whose blocks span kMinSkipSteps steps, then the coarsest free block.
   const double span = kMinSkipSteps * max_of(s.step, s.cone * mid);
   int m = 1;
@@ -313,10 +313,10 @@ FASTNEFES_HD bool skips_sound(const MarchArgs<T>& a, const Ray64& ray, double t_
   return error < cell_min;
 }
 
-// March ray r; emit(r, t_start, t_end) for each kept sample, in order. scales: BoxScales(a),
-// built once per launch or thread; kScaled: scales.exact.
+// March ray r; emit(r, t_start, t_end) for each kept sample, in order. boxes: MarchBoxes(a),
+// built once per launch or thread; kScaled: boxes.exact.
 template <bool kScaled, typename T, class Emit>
-FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const BoxScales<T>& scales, int64_t r, Emit& emit) {
+FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const MarchBoxes<T>& boxes, int64_t r, Emit& emit) {
   T o[3], d[3];
   for (int ax = 0; ax < 3; ++ax) {
     o[ax] = a.rays_o[3 * r + ax];
@@ -345,10 +345,10 @@ FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const BoxScales<T>& scales, i
     T p[3];
     for (int ax = 0; ax < 3; ++ax) p[ax] = add_rn(o[ax], mul_rn(d[ax], mid));
     int level, cell[3];
-    if (occupied_at<kScaled>(a, scales, p, &level, cell)) {
+    if (occupied_at<kScaled>(a, boxes, p, &level, cell)) {
       emit(r, t0, t1);
     } else if (skips && level >= 0) {
-      const double next = skip_empty(a, scales, s, ray, k, double(mid), level, cell);
+      const double next = skip_empty(a, boxes, s, ray, k, double(mid), level, cell);
       if (next > k + 1) {
         k = next;
         t_k = s.t(k);
@@ -362,11 +362,11 @@ FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const BoxScales<T>& scales, i
 
 // march_ray with the multiply where it is exact.
 template <typename T, class Emit>
-FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const BoxScales<T>& scales, int64_t r, Emit& emit) {
-  if (scales.exact)
-    march_ray<true>(a, scales, r, emit);
+FASTNEFES_HD void march_ray(const MarchArgs<T>& a, const MarchBoxes<T>& boxes, int64_t r, Emit& emit) {
+  if (boxes.exact)
+    march_ray<true>(a, boxes, r, emit);
   else
-    march_ray<false>(a, scales, r, emit);
+    march_ray<false>(a, boxes, r, emit);
 }
 
 }  // namespace fastnefes

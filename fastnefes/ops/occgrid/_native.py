@@ -2,9 +2,9 @@
 twin of `_torch_impl.march_rays`, same signature and the same samples.
 
 Empty space is skipped a block at a time using coarser "mips" of the binary grid (a block of
-2^m x 2^m x 2^m cells is free to skip when it and its neighbours hold no occupied cell and it
-keeps clear of the level boxes' borders; csrc/occgrid_kernel.h); `OccupancyGrid` computes them
-once per change of its binaries and passes them in.
+2^m x 2^m x 2^m cells is free to skip when no occupied cell lies in it or within one cell of it
+and it keeps one cell clear of the level boxes' borders; csrc/occgrid_kernel.h); `OccupancyGrid`
+computes them once per change of its binaries and passes them in.
 """
 
 from __future__ import annotations
