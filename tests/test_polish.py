@@ -132,13 +132,15 @@ def test_a_subset_polish_is_undone_where_every_pixel_says_it_hurt(tiny_run, tiny
     assert moved.max() < 1e-6 and turned.max() < 1e-4  # the feature phase's result, not the polish's
 
 
-def test_fixed_jacobian_polish_renders_colours_only_after_its_first_evaluation(tiny_run, tiny_scene, monkeypatch):
-    """polish_fixed_jacobian: one Jacobian per query, then colour-only renders; the polish still
-    never raises the loss and still moves."""
+@pytest.mark.parametrize("every", [0, 2])
+def test_polish_keeps_its_jacobian_between_refreshes(tiny_run, tiny_scene, monkeypatch, every):
+    """polish_jacobian_every: a Jacobian at the first evaluation and every `every`-th (0: only
+    the first), colour-only renders in between; the polish still never raises the loss and
+    still moves."""
     import fastnefes.refine.gauss_newton as gn
 
     _, model = tiny_run
-    images, K, gt = query_views(tiny_scene, 2)
+    images, K, gt = query_views(tiny_scene, 1)
     init = perturb_poses(gt, 1.0, 0.02, seed=5)
     calls = []
 
@@ -147,11 +149,12 @@ def test_fixed_jacobian_polish_renders_colours_only_after_its_first_evaluation(t
         return photometric_jacobian(*args, with_jacobian=with_jacobian, **kw)
 
     monkeypatch.setattr(gn, "photometric_jacobian", counting)
-    cfg = RefineConfig(iters=0, polish_iters=4, polish_levels=1, polish_stride=2, verify=False,
-                       polish_fixed_jacobian=True)
+    cfg = RefineConfig(iters=0, polish_iters=5, polish_levels=1, polish_stride=2, verify=False,
+                       polish_jacobian_every=every)
     refiner = Refiner(model, cfg)
     res = refiner.refine(images, K, init)
-    assert calls[0] and len(calls) >= 2 and not any(calls[1:])
+    assert len(calls) >= 3
+    assert calls == [k == 0 or (every > 0 and k % every == 0) for k in range(len(calls))]
     target = refiner.encode_queries(images, "rgb", 2)
     Kt = torch.tensor(K, dtype=torch.float32)
     with torch.no_grad():

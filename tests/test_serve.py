@@ -257,6 +257,30 @@ def test_batcher_groups_by_size_and_settings_and_isolates_a_failing_query():
     assert counters["gathered_sizes"] == {"6": 1} and counters["in_flight"] == 0
 
 
+def test_batcher_window_opens_when_the_worker_takes_a_query():
+    """Queries that waited for the worker still wait max_wait for company: a query sent just
+    after the worker became free (as a closed-loop client answered by the last batch sends its
+    next) joins them, although the oldest arrived long before."""
+    import time
+
+    from fastnefes.serve.batcher import DynamicBatcher
+
+    calls = []
+    batcher = DynamicBatcher(_fake_refine(calls), max_batch=8, max_wait_s=1.0)
+    img, cfg = np.full((4, 6, 3), 1, np.uint8), RefineConfig(iters=3)
+    futures = [batcher.submit(img, np.eye(3), np.eye(4), cfg) for _ in range(2)]
+    time.sleep(1.2)  # the queued queries are older than max_wait
+    batcher.start()
+    try:
+        time.sleep(0.05)
+        futures.append(batcher.submit(img, np.eye(3), np.eye(4), cfg))
+        for f in futures:
+            f.result(timeout=10)
+    finally:
+        batcher.stop()
+    assert calls == [((3, 4, 6, 3), 3)] and batcher.counters()["gathered_sizes"] == {"3": 1}
+
+
 def test_wire_pose_round_trip_and_image_headers():
     c2w = perturb_poses(np.eye(4)[None], 30.0, 2.0, seed=1)[0]
     assert np.allclose(pose_from_wire(pose_to_wire(c2w)), c2w, atol=1e-12)

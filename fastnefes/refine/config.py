@@ -104,10 +104,11 @@ class RefineConfig:
     polish_judge_pixels: int = 0
     polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
-    # The polish's Levenberg-Marquardt keeps each query's Jacobian of its first evaluation: later
-    # iterations render colours only (no backward passes). For poses that move millimetres
-    # (tracking); a step is still kept only when it lowers the loss.
-    polish_fixed_jacobian: bool = False
+    # The polish's Levenberg-Marquardt computes a query's Jacobian at every n-th of its
+    # evaluations and keeps it in between (0: only at the first); the evaluations in between
+    # render colours only (no backward passes). For poses that move millimetres (tracking); a
+    # step is still kept only when it lowers the loss. 1: a Jacobian at every evaluation.
+    polish_jacobian_every: int = 1
     # Levenberg-Marquardt also stops a query when a kept step lowered its loss by less than this
     # fraction (0: only the step-size tolerance and the damping's limit stop it).
     lm_ftol: float = 0.0

@@ -184,7 +184,7 @@ def levenberg_marquardt_phase(model, K: Tensor, init: Tensor, target: Tensor, he
                               iters: int, delta: Tensor, failed: Tensor, counts: Tensor, tol: Tensor, max_step: Tensor,
                               damping: float = 1e-2, luma: bool = False, progress: Optional[Callable[[int], None]] = None,
                               max_rays: int = 0, band_samples: int = 0, remarch_fraction: float = 0.5,
-                              ftol: float = 0.0, fixed_jacobian: bool = False) -> Tensor:
+                              ftol: float = 0.0, jacobian_every: int = 1) -> Tensor:
     """Minimise the mean squared RGB error over delta [B, 6] (increments on init [B, 4, 4]) in
     place, per query, by `levenberg_marquardt`.
 
@@ -197,9 +197,10 @@ def levenberg_marquardt_phase(model, K: Tensor, init: Tensor, target: Tensor, he
     with forward-mode Jacobians (fastnefes.refine.pose_jacobian), marched again where the camera
     moved more than remarch_fraction of the band's half width; 0 marches every ray at every
     iteration, Jacobians by reverse mode (photometric_jacobian).
-    fixed_jacobian: keep each query's Jacobian of its first evaluation (with band_samples 0): later
-    iterations render colours only, J^T r from the new residuals (direct visual odometry's trick
-    where the pose moves little; a step is still kept only when it lowers the loss).
+    jacobian_every: (band_samples 0) > 1 computes a query's Jacobian at every jacobian_every-th of
+    its evaluations and keeps it in between, 0 only at its first: the evaluations in between
+    render colours only, J^T r from their residuals (direct visual odometry's trick where the
+    pose moves little; a step is still kept only when it lowers the loss).
     Marks failed [B], counts renders in counts [B], and returns the [B] bool of queries that
     stopped early.
     """
@@ -216,17 +217,24 @@ def levenberg_marquardt_phase(model, K: Tensor, init: Tensor, target: Tensor, he
     if mix is not None:
         colours = colours @ mix.t()
     sampler = RaySampler(model, K, pixels, band_samples, remarch_fraction) if band_samples > 0 else None
-    kept_J: dict[int, Tensor] = {}  # fixed_jacobian: query -> [N, C, 6]
+    kept_J: dict[int, Tensor] = {}  # jacobian_every != 1: query -> [N, C, 6]
+    evaluations = [0] * B
+
+    def reuses_jacobian(r: int) -> bool:
+        return jacobian_every != 1 and r in kept_J and (jacobian_every == 0 or evaluations[r] % jacobian_every != 0)
 
     def evaluate(rows: Tensor, poses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         pix = pixels if pixels.dim() == 2 else pixels[rows]
         zero = torch.zeros(len(rows), 6, device=dev)
-        if sampler is None and fixed_jacobian and all(int(r) in kept_J for r in rows):
+        reuse = sampler is None and all(reuses_jacobian(int(r)) for r in rows)
+        for r in rows.tolist():
+            evaluations[r] += 1
+        if reuse:
             rgb, _ = photometric_jacobian(model, K[rows], poses, zero, pix, with_jacobian=False, mix=mix)
             J = torch.stack([kept_J[int(r)] for r in rows])
         elif sampler is None:
             rgb, J = photometric_jacobian(model, K[rows], poses, zero, pix, mix=mix)
-            if fixed_jacobian:
+            if jacobian_every != 1:
                 kept_J.update({int(r): J[i] for i, r in enumerate(rows)})
         else:
             out = render_with_jacobian(model, sampler, rows, poses, with_features=False)

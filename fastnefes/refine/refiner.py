@@ -311,7 +311,7 @@ class Refiner:
                                                           cfg.lm_damping, cfg.polish_luma, report, cfg.polish_rays,
                                                           band_samples=cfg.band_samples,
                                                           remarch_fraction=cfg.remarch_fraction, ftol=cfg.lm_ftol,
-                                                          fixed_jacobian=cfg.polish_fixed_jacobian)
+                                                          jacobian_every=cfg.polish_jacobian_every)
                     continue
                 with self._undone_unless_lower(K, base, delta, failed, target, H, W, phase.stride, phase.signal):
                     converged = self._run_phase(phase, K, base, target, H, W, delta, failed, iters, report)

@@ -1,7 +1,7 @@
 """Dynamic batching: queries arriving together are refined as one batch, each answered alone.
 
 One worker thread owns the model. It takes the oldest waiting query, gathers more for up to
-`max_wait_s` after that query arrived or until `max_batch` are waiting, splits what it gathered
+`max_wait_s` after it took that query or until `max_batch` are waiting, splits what it gathered
 into groups that can share one batched render (same image size, same settings) and refines each
 group with one `Refiner.refine` call. A group that raises is refined again query by query, so one
 bad query never fails the others. Each query's answer is a concurrent.futures.Future.
@@ -102,9 +102,12 @@ class DynamicBatcher:
 
     # -- the worker -------------------------------------------------------------------------
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """first plus whatever arrives within max_wait_s of its arrival, up to max_batch jobs;
-        (jobs, whether a stop was requested meanwhile)."""
-        jobs, deadline = [first], first.arrived + self.max_wait_s
+        """first plus whatever arrives within max_wait_s of the worker taking it, up to max_batch
+        jobs; (jobs, whether a stop was requested meanwhile). The window opens when the worker
+        is free, not when first arrived: the clients the last batch answered send their next
+        queries within it, so closed-loop clients share one batch instead of settling into
+        groups that alternate (first may have queued for a whole batch; max_wait_s more is small)."""
+        jobs, deadline = [first], time.perf_counter() + self.max_wait_s
         while len(jobs) < self.max_batch:
             remaining = deadline - time.perf_counter()
             try:  # past the deadline, still take what is already waiting (no blocking)
