@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -55,9 +58,26 @@ def serve_command(
     failure = service.warm_up() if warmup else None
     if failure:
         console.print(f"[yellow]warning:[/] the warm-up refinement failed ({failure}); serving anyway", highlight=False)
+    # HTTP on a thread, refinement on this one: the thread that loaded the model and ran its
+    # parallel kernels keeps them (DynamicBatcher.run).
+    server = uvicorn.Server(uvicorn.Config(create_app(service, batcher_thread=False), host=host, port=port,
+                                           log_level="warning", access_log=False))
+    http = threading.Thread(target=server.run, name="fastnefes-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise FastnefesError(f"could not serve on {host}:{port} (is the port in use?)")
+        time.sleep(0.05)
     console.print(f"serving {run} on http://{host}:{port} ({model.device}; batches of up to {max_batch}, "
                   f"{max_wait_ms:g} ms wait); docs at /docs", highlight=False)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a graceful stop, as Ctrl-C
+    try:
+        service.batcher.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(10)
 
 
 def _calibrate_pixel_check(model, record: dict | None, rays: int) -> None:

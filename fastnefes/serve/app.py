@@ -174,12 +174,16 @@ class UploadLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(service: RefineService) -> FastAPI:
+def create_app(service: RefineService, batcher_thread: bool = True) -> FastAPI:
+    """The app; batcher_thread: its lifespan runs the batcher on a thread of its own (False: the
+    caller runs service.batcher.run(), as `fastnefes serve` does on its main thread)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.batcher.start()
+        if batcher_thread:
+            service.batcher.start()
         yield
-        service.batcher.stop()
+        if batcher_thread:
+            service.batcher.stop()
 
     app = FastAPI(title="fastnefes refinement service", version="1",
                   description="Camera pose refinement against a trained feature field, with dynamic batching.",

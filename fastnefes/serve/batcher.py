@@ -68,13 +68,23 @@ class DynamicBatcher:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
+        """Refine on a thread of its own (see run)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="fastnefes-batcher", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="fastnefes-batcher", daemon=True)
             self._thread.start()
 
+    def run(self) -> None:
+        """Refine queries in the calling thread until stop(). On a CPU, call it from the thread
+        that loaded the model and has run torch's parallel kernels: each thread that starts
+        them gets its own OpenMP team, and with two teams on the cores each parallel region of
+        the refining one runs several times slower (measured: a batch of 8 took 2x as long on a
+        second thread; docs/serving.md)."""
+        self._run()
+
     def stop(self, timeout: float = 30.0) -> None:
+        """End run() (after the queries already queued); joins start()'s thread."""
+        self._queue.put(None)
         if self._thread is not None:
-            self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
 
