@@ -321,7 +321,7 @@ at::Tensor occgrid_mips(const at::Tensor& binaries, const at::Tensor& aabbs, int
                     "occupancy mips: aabbs must be a contiguous float32 [L, 6] tensor on binaries' device");
   const int64_t n = occgrid_plan_mips(a);
   at::Tensor mips = at::empty({n}, binaries.options().dtype(at::kByte));
-  at::Tensor scratch = at::empty({occgrid_mips_scratch(a.res, a.n_levels)}, mips.options());
+  at::Tensor scratch = at::empty({mips_scratch_layout(a.res, a.n_levels).size}, mips.options());
   if (binaries.is_cuda()) {
     occgrid_mips_cuda(a.binaries, aabbs.data_ptr<float>(), a.n_levels, a.res, scratch.data_ptr<uint8_t>(),
                       mips.data_ptr<uint8_t>(), binaries.get_device(), reinterpret_cast<void*>(stream));

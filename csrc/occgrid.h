@@ -59,9 +59,17 @@ template <typename T>
 void copy_march_parts(const MarchParts<T>& parts, int64_t* ray_indices, T* t_starts, T* t_ends);
 
 // binaries [L, res^3] and aabbs [L, 6] -> mips [occgrid_plan_mips cells]; scratch: of
-// occgrid_mips_scratch cells (the occupancy pyramid of the grid dilated by one cell, and its
-// first level's intermediate passes).
-int64_t occgrid_mips_scratch(const int res[3], int n_levels);
+// mips_scratch_layout(res, L).size cells (the occupancy pyramid of the grid dilated by one cell,
+// and its first level's intermediate passes).
+
+// The scratch's layout, shared by the CPU and CUDA launchers: the dilated pyramid (mips 1..n_mips,
+// as in `mips`), then the first two halving passes' outputs; the third pass writes the pyramid's
+// mip 1 (pass_offset[2] = 0). size: the scratch's cells.
+struct MipsScratch {
+  int n_mips;
+  int64_t pass_offset[3], size;
+};
+MipsScratch mips_scratch_layout(const int res[3], int n_levels);
 void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* scratch,
                       uint8_t* mips, int n_threads);
 

@@ -69,10 +69,13 @@ void copy_march_parts(const MarchParts<T>& parts, int64_t* ray_indices, T* t_sta
     }
 }
 
-int64_t occgrid_mips_scratch(const int res[3], int n_levels) {
-  int n_mips;
-  return plan_pyramid(res, n_levels, &n_mips, nullptr) +
-         n_levels * (halve_pass(res, 0).out_cells() + halve_pass(res, 1).out_cells());
+MipsScratch mips_scratch_layout(const int res[3], int n_levels) {
+  MipsScratch layout;
+  layout.pass_offset[0] = plan_pyramid(res, n_levels, &layout.n_mips, nullptr);
+  layout.pass_offset[1] = layout.pass_offset[0] + n_levels * halve_pass(res, 0).out_cells();
+  layout.pass_offset[2] = 0;
+  layout.size = layout.pass_offset[1] + n_levels * halve_pass(res, 1).out_cells();
+  return layout;
 }
 
 // Serial below a few million cells: a parallel region costs more than that work when the cores
@@ -94,16 +97,13 @@ void for_each_cell(int n_levels, const int d[3], int n_threads, const Fn& fn) {
 
 void occgrid_mips_cpu(const uint8_t* binaries, const float* aabbs, int n_levels, const int res[3], uint8_t* scratch,
                       uint8_t* mips, int n_threads) {
-  int n_mips;
-  uint8_t* pass_out[3];  // the passes' outputs: two temporaries, then mip 1 of the dilated pyramid
-  pass_out[0] = scratch + plan_pyramid(res, n_levels, &n_mips, nullptr);
-  pass_out[1] = pass_out[0] + n_levels * halve_pass(res, 0).out_cells();
-  pass_out[2] = scratch;
+  const MipsScratch layout = mips_scratch_layout(res, n_levels);
+  const int n_mips = layout.n_mips;
   if (n_mips == 0) return;
   const uint8_t* src = binaries;
   for (int pass = 0; pass < 3; ++pass) {
     const HalvePass p = halve_pass(res, pass);
-    uint8_t* out = pass_out[pass];
+    uint8_t* out = scratch + layout.pass_offset[pass];
     for_each_cell(n_levels, p.out, n_threads, [&](int l, int i, int j, int k, int64_t c) {
       const uint8_t* level = src + l * p.in_cells();
       out[c] = p.axis == 2   ? halve_dilated<2>(level, p.in, i, j, k)

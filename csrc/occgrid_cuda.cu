@@ -122,18 +122,16 @@ void occgrid_mips_cuda(const uint8_t* binaries, const float* aabbs, int n_levels
                        uint8_t* mips, int device, void* stream) {
   DeviceScope scope(device);
   auto s = static_cast<cudaStream_t>(stream);
-  int64_t pyramid = 0;  // the layout of occgrid_cpu.cpp's occgrid_mips_cpu
-  int n_mips = 0;
-  while (n_mips < kMaxMips && max_of(max_of(mip_res(res[0], n_mips), mip_res(res[1], n_mips)), mip_res(res[2], n_mips)) > 1)
-    pyramid += n_levels * mip_cells(res, ++n_mips);
+  const MipsScratch layout = mips_scratch_layout(res, n_levels);
+  const int n_mips = layout.n_mips;
   if (n_mips == 0) return;
-  uint8_t* pass_out[3] = {scratch + pyramid, scratch + pyramid + n_levels * halve_pass(res, 0).out_cells(), scratch};
   const uint8_t* src = binaries;
   for (int pass = 0; pass < 3; ++pass) {
     const HalvePass p = halve_pass(res, pass);
     const auto kernel = p.axis == 2 ? halve_dilated_kernel<2> : p.axis == 1 ? halve_dilated_kernel<1> : halve_dilated_kernel<0>;
-    kernel<<<blocks_for(n_levels * p.out_cells()), kBlock, 0, s>>>(src, pass_out[pass], n_levels, p);
-    src = pass_out[pass];
+    uint8_t* out = scratch + layout.pass_offset[pass];
+    kernel<<<blocks_for(n_levels * p.out_cells()), kBlock, 0, s>>>(src, out, n_levels, p);
+    src = out;
   }
   int64_t offset = 0;
   for (int m = 1; m <= n_mips; ++m) {

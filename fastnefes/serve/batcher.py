@@ -79,7 +79,24 @@ class DynamicBatcher:
         them gets its own OpenMP team, and with two teams on the cores each parallel region of
         the refining one runs several times slower (measured: a batch of 8 took 2x as long on a
         second thread; docs/serving.md)."""
-        self._run()
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, stop = self._gather(first)
+            # A job whose caller gave up (its future cancelled) is dropped; the others can no
+            # longer be cancelled, so their answers always land.
+            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            with self._lock:
+                self.gathered_sizes[len(jobs)] += 1
+                self.cancelled += len(jobs) - len(live)
+                self.in_flight -= len(jobs) - len(live)
+            groups: dict[tuple, list[Job]] = {}
+            for job in live:
+                groups.setdefault(job.group_key(), []).append(job)
+            for group in groups.values():
+                self._refine_group(group)
 
     def stop(self, timeout: float = 30.0) -> None:
         """End run() (after the queries already queued); joins start()'s thread."""
@@ -128,26 +145,6 @@ class DynamicBatcher:
                 return jobs, True
             jobs.append(job)
         return jobs, False
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs, stop = self._gather(first)
-            # A job whose caller gave up (its future cancelled) is dropped; the others can no
-            # longer be cancelled, so their answers always land.
-            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
-            with self._lock:
-                self.gathered_sizes[len(jobs)] += 1
-                self.cancelled += len(jobs) - len(live)
-                self.in_flight -= len(jobs) - len(live)
-            groups: dict[tuple, list[Job]] = {}
-            for job in live:
-                groups.setdefault(job.group_key(), []).append(job)
-            for group in groups.values():
-                self._refine_group(group)
 
     def _refine_group(self, group: list[Job]) -> None:
         start = time.perf_counter()
