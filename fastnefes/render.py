@@ -164,7 +164,8 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
 
 
 def render_pixels(model: FeatureFieldModel, K: Tensor, c2w: Tensor, pixels: Tensor, fused: bool = True,
-                  chunk: int = 1 << 16, act_histograms: Optional[Tensor] = None) -> dict[str, Tensor]:
+                  chunk: int = 1 << 16, act_histograms: Optional[Tensor] = None,
+                  with_features: bool = True) -> dict[str, Tensor]:
     """Render the rays of B cameras through image coordinates pixels [B,h,w,2] (a grid, patches).
 
     Args:
@@ -173,10 +174,13 @@ def render_pixels(model: FeatureFieldModel, K: Tensor, c2w: Tensor, pixels: Tens
         fused: run the Feature Fusion module over [rgb, features].
         chunk: rays per field evaluation (bounds memory when no gradients are kept).
         act_histograms: [B, bins] luma histograms: also return 'rgb_act' (ACT-corrected colour).
+        with_features: False skips the feature head (colour and geometry only; not with fused).
     Returns:
-        [B,h,w,C] tensors: 'rgb', 'features' (raw composited), 'fused' (if fused), 'depth'
+        [B,h,w,C] tensors: 'rgb', 'features' (raw composited, if with_features), 'fused' (if fused), 'depth'
         (z-depth, dataset units, 0 where nothing is hit) and 'opacity' ([B,h,w]).
     """
+    if fused and not with_features:
+        raise ValueError("render_pixels: fused needs the features (with_features=True)")
     device = model.device
     K = K.to(device=device, dtype=torch.float32)
     c2w = c2w.to(device=device, dtype=torch.float32)
@@ -186,9 +190,11 @@ def render_pixels(model: FeatureFieldModel, K: Tensor, c2w: Tensor, pixels: Tens
         origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
     parts: dict[str, list[Tensor]] = {}
     for lo in range(0, origins.shape[0], chunk):
-        out = render_rays(model, origins[lo:lo + chunk], dirs[lo:lo + chunk], training=model.training)
+        out = render_rays(model, origins[lo:lo + chunk], dirs[lo:lo + chunk], training=model.training,
+                          with_features=with_features)
         for key in ("rgb", "features", "depth", "opacity"):
-            parts.setdefault(key, []).append(out[key])
+            if key in out:
+                parts.setdefault(key, []).append(out[key])
     result = {k: torch.cat(v).reshape(B, h, w, -1) for k, v in parts.items()}
     result["depth"] = result["depth"][..., 0] * z_per_t
     result["opacity"] = result["opacity"][..., 0]
@@ -209,7 +215,8 @@ def exposure_adapted(model: FeatureFieldModel, rgb: Tensor, histograms: Tensor) 
 
 
 def render_image(model: FeatureFieldModel, K: Tensor, c2w: Tensor, height: int, width: int, stride: int = 1,
-                 fused: bool = True, chunk: int = 1 << 16, act_histograms: Optional[Tensor] = None) -> dict[str, Tensor]:
+                 fused: bool = True, chunk: int = 1 << 16, act_histograms: Optional[Tensor] = None,
+                 with_features: bool = True) -> dict[str, Tensor]:
     """Render B whole views of a height x width camera at 1/stride resolution.
 
     K [B,3,3] are the full-resolution intrinsics, c2w [B,4,4]; output pixel (i, j) is the ray
@@ -217,7 +224,7 @@ def render_image(model: FeatureFieldModel, K: Tensor, c2w: Tensor, height: int, 
     """
     B = c2w.shape[0]
     pixels = pixel_grid(height, width, stride, device=model.device)
-    return render_pixels(model, K, c2w, pixels.expand(B, *pixels.shape), fused, chunk, act_histograms)
+    return render_pixels(model, K, c2w, pixels.expand(B, *pixels.shape), fused, chunk, act_histograms, with_features)
 
 
 # ---- visualisation ---------------------------------------------------------------------------

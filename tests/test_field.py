@@ -145,6 +145,13 @@ def test_render_image_z_depth_shapes_and_stride():
     assert out["features"].shape == (1, 6, 8, 8) and out["depth"].shape == (1, 6, 8)
     step_world = model.render_step_size / model.normalization.scale
     assert torch.allclose(out["depth"], torch.full((1, 6, 8), 2.0), atol=step_world)  # z-depth, not ray length
+    with torch.no_grad():  # colour and geometry alone: the same values without the feature head
+        plain = render_image(model, K, c2w, height=24, width=32, stride=4, fused=False, with_features=False)
+    assert "features" not in plain and "fused" not in plain
+    for key in ("rgb", "depth", "opacity"):
+        assert torch.equal(plain[key], out[key]), key
+    with pytest.raises(ValueError, match="fused"):
+        render_image(model, K, c2w, height=24, width=32, stride=4, fused=True, with_features=False)
 
 
 def test_render_image_gradients_reach_the_pose_and_match_finite_differences():

@@ -185,8 +185,8 @@ def test_views_rendered_again_in_one_refinement_are_reused(tiny_run, tiny_scene,
     monkeypatch.setattr(render_module, "render_image", counting)
     reused = Refiner(model, cfg).refine(images, K, init)
     n_reused, renders[:] = len(renders), []
-    monkeypatch.setattr(RenderMemo, "render", lambda self, K, c2w, h, w, stride, fused: counting(
-        self.model, K, c2w, h, w, stride=stride, fused=fused))
+    monkeypatch.setattr(RenderMemo, "render", lambda self, K, c2w, h, w, stride, fused, with_features=True: counting(
+        self.model, K, c2w, h, w, stride=stride, fused=fused, with_features=with_features))
     fresh = Refiner(model, cfg).refine(images, K, init)
     assert n_reused + 4 <= len(renders)  # initial pose: 3 renders -> 1, refined: 3 -> 1
     assert (reused.poses == fresh.poses).all()

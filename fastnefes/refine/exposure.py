@@ -30,7 +30,8 @@ def exposure_to_field(model, image: np.ndarray, K: np.ndarray, c2w: np.ndarray, 
     H, W = image.shape[:2]
     dev = model.device
     out = render_image(model, torch.as_tensor(K[None], dtype=torch.float32, device=dev),
-                       torch.as_tensor(c2w[None], dtype=torch.float32, device=dev), H, W, stride=stride, fused=False)
+                       torch.as_tensor(c2w[None], dtype=torch.float32, device=dev), H, W, stride=stride, fused=False,
+                       with_features=False)
     rendered = out["rgb"][0].reshape(-1, 3).double().cpu()
     covered = out["opacity"][0].reshape(-1).cpu() > 0.5
     h, w = H // stride, W // stride

@@ -135,9 +135,10 @@ class Refiner:
         rgb_only = (signal or self.config.signal) == "rgb"
         if sampler is None:
             if self.memo is not None:
-                out = self.memo.render(K, c2w, height, width, stride, fused=not rgb_only)
+                out = self.memo.render(K, c2w, height, width, stride, fused=not rgb_only, with_features=not rgb_only)
             else:
-                out = render_image(self.model, K, c2w, height, width, stride=stride, fused=not rgb_only)
+                out = render_image(self.model, K, c2w, height, width, stride=stride, fused=not rgb_only,
+                                   with_features=not rgb_only)
             return out["rgb" if rgb_only else "fused"].permute(0, 3, 1, 2)
         out = render_with_jacobian(self.model, sampler, rows, c2w, with_features=not rgb_only, jacobian=False)
         h, w = height // stride, width // stride

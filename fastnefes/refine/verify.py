@@ -48,14 +48,14 @@ def verification_stride(height: int, width: int, rays: int) -> int:
 def render_for_verification(model, K: Tensor, c2w: Tensor, height: int, width: int, stride: int,
                             histograms: Tensor | None, render: Optional[Callable] = None) -> tuple[Tensor, Tensor]:
     """(RGB [B,3,h,w] through the query's exposure transform where the model has one,
-    opacity [B,h,w]) at poses c2w [B,4,4]. render(K, c2w, height, width, stride, fused): the
+    opacity [B,h,w]) at poses c2w [B,4,4]. render(K, c2w, height, width, stride, fused, with_features): the
     whole-view renderer (default fastnefes.render.render_image; a refinement's RenderMemo)."""
     from fastnefes.render import exposure_adapted, render_image
 
     if render is None:
-        out = render_image(model, K, c2w, height, width, stride=stride, fused=False)
+        out = render_image(model, K, c2w, height, width, stride=stride, fused=False, with_features=False)
     else:
-        out = render(K, c2w, height, width, stride, fused=False)
+        out = render(K, c2w, height, width, stride, fused=False, with_features=False)
     rgb = out["rgb"] if histograms is None else exposure_adapted(model, out["rgb"], histograms)
     return rgb.clamp(0, 1).permute(0, 3, 1, 2), out["opacity"]
 
