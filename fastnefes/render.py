@@ -78,8 +78,8 @@ def _sample_hierarchical(model: FeatureFieldModel, origins: Tensor, dirs: Tensor
 
 def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, image_ids: Optional[Tensor] = None,
                 act_histograms: Optional[Tensor] = None, with_features: bool = True, training: bool = False,
-                near: Optional[float] = None, samples: Optional[tuple[Tensor, Tensor, Tensor]] = None
-                ) -> dict[str, Tensor]:
+                near: Optional[float] = None, samples: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+                with_distortion: bool = False) -> dict[str, Tensor]:
     """Render world rays.
 
     Args:
@@ -92,6 +92,8 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
         samples: packed samples (ray_indices [N] sorted, t_starts [N], t_ends [N]) in unit-cube
             distances to use instead of marching (e.g. fastnefes.refine.surface's band around a
             known surface); the positions still follow rays_o / rays_d.
+        with_distortion: also 'distortion' [], the static density's distortion loss
+            (fastnefes.train.losses.distortion_loss; distances squeezed in the contracted space).
     Returns:
         'rgb' [R,3] static colour over the background; 'rgb_train' [R,3] the colour compared with
         an image (static + transient when image_ids are given, through ACT when histograms are);
@@ -143,6 +145,8 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
     }
     if feats is not None:
         out["features"] = static.features
+    if with_distortion:
+        out["distortion"] = _distortion(model, geo.density, t0, t1, ray_idx, n_rays)
     if coarse_rgb is not None:
         out["rgb_coarse"] = coarse_rgb
     rgb_train = out["rgb"]
@@ -161,6 +165,17 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
         rgb_train = model.act(rgb_train, act_histograms)
     out["rgb_train"] = rgb_train
     return out
+
+
+def _distortion(model: FeatureFieldModel, sigma: Tensor, t0: Tensor, t1: Tensor, ray_idx: Tensor, n_rays: int) -> Tensor:
+    from fastnefes.field.space import contract_distance
+    from fastnefes.ops.composite import sample_weights
+    from fastnefes.train.losses import distortion_loss
+
+    weights = sample_weights(sigma, t0, t1, ray_idx, n_rays)
+    if model.config.space == "contracted":
+        t0, t1 = contract_distance(t0), contract_distance(t1)
+    return distortion_loss(weights, t0, t1, ray_idx, n_rays)
 
 
 def render_pixels(model: FeatureFieldModel, K: Tensor, c2w: Tensor, pixels: Tensor, fused: bool = True,

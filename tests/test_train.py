@@ -16,7 +16,8 @@ from conftest import small_train_config
 from fastnefes.train import TrainConfig, TrainingDiverged, train
 from fastnefes.train import losses
 from fastnefes.errors import FastnefesError
-from fastnefes.train.losses import contrastive_loss, depth_loss, photometric_loss, psnr, ssim, variance_covariance_loss
+from fastnefes.train.losses import (contrastive_loss, depth_loss, distortion_loss, photometric_loss, psnr, ssim,
+                                    variance_covariance_loss)
 from fastnefes.train.sampler import ImageSet, RaySampler, backproject, reproject
 from fastnefes.train.trainer import Trainer
 
@@ -68,6 +69,57 @@ def test_depth_loss_is_relative_l1_over_valid_targets():
     loss.backward()
     assert float(depth.grad[2]) == 0.0 and float(depth.grad[0]) == pytest.approx(1 / 3, rel=1e-6)
     assert float(depth_loss(depth, torch.zeros(4))) == 0.0  # no valid target: no loss, no NaN
+
+
+def test_distortion_loss_equals_the_double_sum_in_value_and_gradient():
+    from fastnefes.ops.composite import sample_weights
+
+    gen = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 1, 4]
+    ray_indices = torch.repeat_interleave(torch.arange(5), torch.tensor(counts))
+    t_starts = torch.cat([torch.sort(torch.rand(c, generator=gen, dtype=torch.float64)).values for c in counts])
+    t_ends = t_starts + 0.02 * torch.rand(len(t_starts), generator=gen, dtype=torch.float64)
+    sigma = (20 * torch.rand(len(t_starts), generator=gen, dtype=torch.float64)).requires_grad_()
+
+    def double_sum(w):
+        mid = (t_starts + t_ends) / 2
+        total = 0.0
+        for r in range(5):
+            on = ray_indices == r
+            wr, mr = w[on], mid[on]
+            total = total + (wr[:, None] * wr[None] * (mr[:, None] - mr[None]).abs()).sum()
+            total = total + (wr.pow(2) * (t_ends[on] - t_starts[on])).sum() / 3
+        return total / 5
+
+    w = sample_weights(sigma, t_starts, t_ends, ray_indices, 5)
+    fast, slow = distortion_loss(w, t_starts, t_ends, ray_indices, 5), double_sum(w)
+    assert float(fast) == pytest.approx(float(slow), rel=1e-12) and float(fast) > 0
+    g_fast, = torch.autograd.grad(fast, sigma, retain_graph=True)
+    g_slow, = torch.autograd.grad(slow, sigma)
+    assert torch.allclose(g_fast, g_slow, rtol=1e-10, atol=1e-14)
+    # One sample holding all of a ray's weight costs only its own interval's third.
+    one = distortion_loss(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.2, 0.3, 0.4]),
+                          torch.zeros(3, dtype=torch.long), 1)
+    assert float(one) == pytest.approx(0.1 / 3)
+
+
+def test_distortion_weight_gathers_each_rays_weight(small_room):
+    from fastnefes.ops.composite import sample_weights
+    from fastnefes.render import _sample
+
+    def spread(weight: float) -> float:
+        model, _ = train(small_room, tiny_config(steps=60, stage_fractions=(1.0, 0.0, 0.0), distortion_weight=weight))
+        model.eval()
+        batch = RaySampler(ImageSet(small_room, small_room.split("train"), "cpu"), seed=0).rays(512)
+        with torch.no_grad():
+            origins = model.to_unit(batch.origins)
+            ray_idx, t0, t1, _ = _sample(model, origins, batch.dirs, False, 0.0)
+            sigma = model.density(origins[ray_idx] + batch.dirs[ray_idx] * ((t0 + t1) / 2)[:, None])
+            w = sample_weights(sigma, t0, t1, ray_idx, 512)
+            return float(distortion_loss(w, t0, t1, ray_idx, 512))
+
+    plain, gathered = spread(0.0), spread(10.0)  # a large weight: 60 steps from scratch
+    assert gathered < 0.7 * plain, (plain, gathered)
 
 
 def ssim_reference(x: np.ndarray, y: np.ndarray) -> float:

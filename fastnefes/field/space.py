@@ -40,6 +40,12 @@ def contract_to_grid(x: Tensor) -> Tensor:
     return (c + 2.0) * 0.25
 
 
+def contract_distance(t: Tensor) -> Tensor:
+    """Ray distances t [...] (normalised units) squeezed as the space squeezes points: t up to 1,
+    2 - 1 / t beyond, so distances out to infinity weigh no more than two foreground cubes."""
+    return torch.where(t > 1.0, 2.0 - 1.0 / t.clamp_min(1.0), t)
+
+
 def uncontract_from_grid(g: Tensor) -> Tensor:
     """Inverse of contract_to_grid for grid points [..., 3] strictly inside (0, 1)^3."""
     c = 4.0 * g - 2.0

@@ -71,6 +71,9 @@ class TrainConfig:
     # Depth supervision (relative L1 on rendered ray distance) for scenes with registered depth
     # maps (the synthetic room; off by default: 7-Scenes' Kinect depth is not registered to RGB).
     depth_weight: float = 0.0
+    # mip-NeRF 360's distortion loss on the photometric rays (fastnefes.train.losses): gathers
+    # each ray's weight at one surface instead of a fog around it.
+    distortion_weight: float = 0.0
     transient_reg: float = 0.01  # NeRF-W's mean transient density penalty
     act_anchor_weight: float = 1.0  # keeps the mean ACT over the training images at the identity
     feature_weight: float = 1.0  # stage 2+ contrastive (ssl) or distillation loss
@@ -103,6 +106,8 @@ class TrainConfig:
             raise FastnefesError(f"train config: steps={self.steps!r}, expected a positive integer")
         if not self.depth_weight >= 0:
             raise FastnefesError(f"train config: depth_weight={self.depth_weight!r}, expected a number >= 0")
+        if not self.distortion_weight >= 0:
+            raise FastnefesError(f"train config: distortion_weight={self.distortion_weight!r}, expected a number >= 0")
         if self.minutes is not None and not self.minutes > 0:
             raise FastnefesError(f"train config: minutes={self.minutes!r}, expected a positive number")
 

@@ -179,11 +179,13 @@ class Trainer:
         batch = self.sampler.rays(n_rays, image_ids)
         hist = self.images.histograms[batch.image_ids]
         out = render_rays(self.model, batch.origins, batch.dirs, image_ids=batch.image_ids, act_histograms=hist,
-                          with_features=with_features, training=True)
+                          with_features=with_features, training=True, with_distortion=self.cfg.distortion_weight > 0)
         loss = photometric_loss(out["rgb_train"], batch.rgb, out.get("beta"), out.get("transient_density"),
                                 self.cfg.transient_reg)
         if batch.depth is not None:
             loss = loss + self.cfg.depth_weight * depth_loss(out["depth"], batch.depth)
+        if "distortion" in out:
+            loss = loss + self.cfg.distortion_weight * out["distortion"]
         if "rgb_coarse" in out:  # --arch mlp: NeRF trains its coarse network on plain RGB
             loss = loss + photometric_loss(out["rgb_coarse"], batch.rgb)
         if self.model.act is not None and self.cfg.act_anchor_weight > 0:
