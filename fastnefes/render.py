@@ -168,6 +168,7 @@ def render_rays(model: FeatureFieldModel, rays_o: Tensor, rays_d: Tensor, *, ima
 
 
 def _distortion(model: FeatureFieldModel, sigma: Tensor, t0: Tensor, t1: Tensor, ray_idx: Tensor, n_rays: int) -> Tensor:
+    """The distortion loss [] of the static density sigma [N] at packed samples (unit-cube distances)."""
     from fastnefes.field.space import contract_distance
     from fastnefes.ops.composite import sample_weights
     from fastnefes.train.losses import distortion_loss
