@@ -61,8 +61,8 @@ def distortion_loss(weights: Tensor, t_starts: Tensor, t_ends: Tensor, ray_indic
     from fastnefes.ops.composite._torch_impl import exclusive_segment_sum
 
     mid = (t_starts + t_ends) * 0.5
-    before = exclusive_segment_sum(weights, ray_indices, n_rays)
-    moment_before = exclusive_segment_sum(weights * mid, ray_indices, n_rays)
+    sums = exclusive_segment_sum(torch.stack([weights, weights * mid], -1), ray_indices, n_rays)  # one pass, both sums
+    before, moment_before = sums.unbind(-1)
     between = 2.0 * (weights * (mid * before - moment_before)).sum()
     within = (weights.pow(2) * (t_ends - t_starts)).sum() / 3.0
     return (between + within) / max(n_rays, 1)

@@ -51,7 +51,7 @@ TRANSMITTANCE_THRESHOLD = 1e-4
 
 
 def exclusive_segment_sum(values: Tensor, ray_indices: Tensor, n_rays: int) -> Tensor:
-    """values [N] packed by sorted ray_indices -> per sample, sum of the earlier values of its ray.
+    """values [N, ...] packed by sorted ray_indices -> per sample, sum of the earlier values of its ray.
 
     Accumulated in float64: a global cumsum minus each ray's starting offset, so long batches do
     not lose the small per-ray sums to float32 cancellation.
