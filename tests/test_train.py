@@ -327,6 +327,55 @@ def test_depth_supervision_brings_rendered_depth_closer_to_the_truth(small_room)
     assert supervised < 0.5 * plain, (plain, supervised)
 
 
+def true_keypoints(scene, per_view: int, seed: int = 0) -> dict:
+    """keypoint_depths' output made of random pixels and the scene's true z-depths."""
+    rng = np.random.default_rng(seed)
+    found = {}
+    for i in scene.split("train"):
+        depth = scene.depth(i).reshape(-1)
+        flat = np.unique(rng.integers(0, depth.shape[0], per_view))
+        found[i] = (flat.astype(np.int64), depth[flat].astype(np.float32))
+    return found
+
+
+def test_keypoint_rays_carry_their_depth(small_room):
+    images = ImageSet(small_room, small_room.split("train"), "cpu")
+    found = true_keypoints(small_room, 20)
+    assert images.set_keypoints(found) == sum(len(f) for f, _ in found.values())
+    batch = RaySampler(images, seed=0).rays(64, keypoint_fraction=0.25)
+    assert batch.depth is not None and bool((batch.depth[:48] == 0).all()) and bool((batch.depth[48:] > 0).all())
+    for r in range(48, 64):  # the keypoint ray's point at its target lies at the keypoint's z-depth
+        idx = images.indices[int(batch.image_ids[r])]
+        x, y = (int(v) for v in batch.pixels[r].tolist())
+        flat, z = found[idx]
+        assert y * small_room.hw[idx][1] + x in flat
+        point = batch.origins[r].double().numpy() + batch.dirs[r].double().numpy() * float(batch.depth[r])
+        c2w = small_room.c2w[idx]
+        assert (point - c2w[:3, 3]) @ c2w[:3, 2] == pytest.approx(float(small_room.depth(idx)[y, x]), rel=1e-5)
+    # whole-image batches (feature stages) and a zero fraction draw no keypoints
+    assert RaySampler(images, 0).rays(8, torch.tensor([0, 1])).depth is None
+    assert RaySampler(images, 0).rays(8).depth is None
+
+
+def test_keypoint_depth_supervision_brings_rendered_depth_closer_to_the_truth(small_room, monkeypatch):
+    """The trainer's keypoint path (triangulation replaced by true depths at 3% of the pixels)."""
+    import fastnefes.data.triangulate as triangulate
+    from fastnefes.train.trainer import evaluate_views
+
+    monkeypatch.setattr(triangulate, "keypoint_depths", lambda scene, indices: true_keypoints(scene, 50))
+
+    def depth_error(weight: float) -> tuple[float, int]:
+        model, metrics = train(small_room, tiny_config(steps=60, stage_fractions=(1.0, 0.0, 0.0),
+                                                       keypoint_depth_weight=weight))
+        errors = [np.median(np.abs(v["depth"].numpy() - small_room.depth(v["index"])) / small_room.depth(v["index"]))
+                  for v in evaluate_views(model, small_room, small_room.split("train")[:4])]
+        return float(np.mean(errors)), metrics["keypoint_depths"]
+
+    (plain, none), (supervised, used) = depth_error(0.0), depth_error(1.0)
+    assert none == 0 and used > 12 * 45
+    assert supervised < 0.7 * plain, (plain, supervised)
+
+
 def test_grid_from_pixels_is_resolved_at_the_start_and_saved(small_room, tmp_path):
     from fastnefes.data.normalize import compute_normalization
     from fastnefes.field.resolution import per_level_scale_for, pixel_footprint_cells

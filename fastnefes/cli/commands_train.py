@@ -59,6 +59,7 @@ def train_field_command(
     arch: Annotated[str, typer.Option("--arch", help="hash (fastnefes) or mlp (NeFeS's original sampler: the baseline).", rich_help_panel=EXPERT)] = "hash",
     depth_weight: Annotated[Optional[float], typer.Option("--depth-weight", min=0.0, help="Supervise rendered depth with the data's depth maps at this weight (needs depth registered to the images).", rich_help_panel=EXPERT)] = None,
     distortion_weight: Annotated[Optional[float], typer.Option("--distortion-weight", min=0.0, help="mip-NeRF 360's distortion loss at this weight (gathers each ray's weight at one surface; 0.1 raised the fox's held-out PSNR, see docs/benchmarks.md).", rich_help_panel=EXPERT)] = None,
+    keypoint_depth_weight: Annotated[Optional[float], typer.Option("--keypoint-depth-weight", min=0.0, help="Supervise rendered depth at the training images' own triangulated keypoints at this weight (sparse depth, DS-NeRF; for data without depth maps).", rich_help_panel=EXPERT)] = None,
     grid_from_pixels: Annotated[bool, typer.Option("--grid-from-pixels", help="Size the hash grid's finest level to a pixel's footprint at the cameras' typical distance (raises per_level_scale, at most 2; for photographs larger than the grid resolves).", rich_help_panel=EXPERT)] = False,
     space: Annotated[Optional[str], typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).", rich_help_panel=EXPERT)] = None,
 ) -> None:
@@ -84,8 +85,8 @@ def train_field_command(
     from fastnefes.train.config import train_config
 
     overrides = json_object_option(str(config_file) if config_file else None, "--config", "TrainConfig fields")
-    given = {key: value for key, value in (("depth_weight", depth_weight), ("distortion_weight", distortion_weight))
-             if value is not None}
+    given = {key: value for key, value in (("depth_weight", depth_weight), ("distortion_weight", distortion_weight),
+                                           ("keypoint_depth_weight", keypoint_depth_weight)) if value is not None}
     config = train_config(arch, preset, overrides, where=str(config_file or "train config"), seed=seed,
                           device=str(torch_device), **given)
     scene = data_options.load(data)

@@ -74,6 +74,11 @@ class TrainConfig:
     # mip-NeRF 360's distortion loss on the photometric rays (fastnefes.train.losses): gathers
     # each ray's weight at one surface instead of a fog around it.
     distortion_weight: float = 0.0
+    # Sparse depth from the training images' own triangulated matches (DS-NeRF): relative L1
+    # at this weight on keypoint_ray_fraction of each photometric batch, drawn at keypoints.
+    # For scenes without registered depth maps; ignored where depth_weight supervises depth.
+    keypoint_depth_weight: float = 0.0
+    keypoint_ray_fraction: float = 0.125
     transient_reg: float = 0.01  # NeRF-W's mean transient density penalty
     act_anchor_weight: float = 1.0  # keeps the mean ACT over the training images at the identity
     feature_weight: float = 1.0  # stage 2+ contrastive (ssl) or distillation loss
@@ -104,10 +109,11 @@ class TrainConfig:
             raise FastnefesError(f"train config: stage_fractions={self.stage_fractions}, expected three non-negative numbers")
         if self.minutes is None and not (isinstance(self.steps, int) and self.steps >= 1):
             raise FastnefesError(f"train config: steps={self.steps!r}, expected a positive integer")
-        if not self.depth_weight >= 0:
-            raise FastnefesError(f"train config: depth_weight={self.depth_weight!r}, expected a number >= 0")
-        if not self.distortion_weight >= 0:
-            raise FastnefesError(f"train config: distortion_weight={self.distortion_weight!r}, expected a number >= 0")
+        for name in ("depth_weight", "distortion_weight", "keypoint_depth_weight"):
+            if not getattr(self, name) >= 0:
+                raise FastnefesError(f"train config: {name}={getattr(self, name)!r}, expected a number >= 0")
+        if not 0 < self.keypoint_ray_fraction < 1:
+            raise FastnefesError(f"train config: keypoint_ray_fraction={self.keypoint_ray_fraction!r}, expected a number in (0, 1)")
         if self.minutes is not None and not self.minutes > 0:
             raise FastnefesError(f"train config: minutes={self.minutes!r}, expected a positive number")
 

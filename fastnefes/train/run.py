@@ -205,7 +205,7 @@ def metrics_summary(state: TrainState, config: TrainConfig) -> dict[str, Any]:
         stages.append({"name": name, "steps": state.stage_steps[k], **means})
     return {"format_version": fastnefes.RUN_FORMAT_VERSION, "steps": state.step, "wall_time_s": state.elapsed_s,
             "stages": stages, "val": state.val, "history": state.history,
-            "budget": {"steps": config.steps, "minutes": config.minutes}}
+            "budget": {"steps": config.steps, "minutes": config.minutes}, "keypoint_depths": state.keypoint_depths}
 
 
 def train(scene: Scene, config: TrainConfig, run_dir: Optional[str | Path] = None, *, resume: bool = False,

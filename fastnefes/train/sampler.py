@@ -62,6 +62,23 @@ class ImageSet:
                 if depth.shape != img.shape[:2]:
                     raise FastnefesError(f"{scene.root / scene.names[i]}: depth map is {depth.shape}, image is {img.shape[:2]}")
             self.depths = torch.cat([torch.from_numpy(d).reshape(-1) for d in depths]).to(device)
+        # Sparse depth at keypoints (set_keypoints): image index [K], flat pixel [K], z-depth [K].
+        self.keypoints: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    def set_keypoints(self, found: dict[int, tuple[np.ndarray, np.ndarray]]) -> int:
+        """Keep the sparse z-depths of fastnefes.data.triangulate.keypoint_depths ({scene view:
+        (flat pixels [M], z [M])}) of this set's images; returns how many there are."""
+        device = self.pixels.device
+        where = {view: k for k, view in enumerate(self.indices)}
+        parts = [(k, found[view]) for view, k in where.items() if view in found and len(found[view][0])]
+        if not parts:
+            self.keypoints = None
+            return 0
+        ids = torch.cat([torch.full((len(flat),), k, dtype=torch.long) for k, (flat, _) in parts])
+        flat = torch.cat([torch.from_numpy(np.asarray(flat, dtype=np.int64)) for _, (flat, _) in parts])
+        z = torch.cat([torch.from_numpy(np.asarray(z, dtype=np.float32)) for _, (_, z) in parts])
+        self.keypoints = (ids.to(device), flat.to(device), z.to(device))
+        return int(ids.shape[0])
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -107,24 +124,35 @@ class RaySampler:
             order = order[(hw[order] == hw[order[0]]).all(-1)]
         return order[:n]
 
-    def rays(self, n_rays: int, image_ids: Optional[Tensor] = None) -> RayBatch:
+    def rays(self, n_rays: int, image_ids: Optional[Tensor] = None, keypoint_fraction: float = 0.0) -> RayBatch:
         """n_rays random pixels, from all images or evenly from image_ids [B] (then ordered
-        image by image, n_rays // B each)."""
+        image by image, n_rays // B each). Without image_ids and with keypoints set, the last
+        round(n_rays * keypoint_fraction) rays are random keypoints (their depth > 0, the
+        others' 0 unless depth maps are loaded)."""
         imgs = self.images
+        n_keypoints = 0
+        if image_ids is None and imgs.keypoints is not None and keypoint_fraction > 0:
+            n_keypoints = min(int(round(n_rays * keypoint_fraction)), n_rays - 1)
         if image_ids is None:
-            ids = (self._rand(n_rays) * len(imgs)).long().clamp_max(len(imgs) - 1)
+            n_random = n_rays - n_keypoints
+            ids = (self._rand(n_random) * len(imgs)).long().clamp_max(len(imgs) - 1)
         else:
             ids = image_ids.repeat_interleave(n_rays // image_ids.shape[0])
         hw = imgs.hw[ids]
         flat = (self._rand(ids.shape[0]) * (hw[:, 0] * hw[:, 1])).long()
         flat = torch.minimum(flat, hw[:, 0] * hw[:, 1] - 1)
+        z = imgs.depths[imgs.offsets[ids] + flat] if imgs.depths is not None else None
+        if n_keypoints:
+            kp_ids, kp_flat, kp_z = imgs.keypoints
+            pick = (self._rand(n_keypoints) * kp_ids.shape[0]).long().clamp_max(kp_ids.shape[0] - 1)
+            z = torch.cat([torch.zeros_like(flat, dtype=torch.float32) if z is None else z, kp_z[pick]])
+            ids, flat = torch.cat([ids, kp_ids[pick]]), torch.cat([flat, kp_flat[pick]])
+            hw = imgs.hw[ids]
         row, col = flat // hw[:, 1], flat % hw[:, 1]
         rgb = imgs.pixels[imgs.offsets[ids] + flat].float() / 255.0
         pixels = torch.stack([col, row], -1).float() + 0.5
         origins, dirs, z_per_t = generate_rays(imgs.K[ids], imgs.c2w[ids], pixels)
-        depth = None
-        if imgs.depths is not None:  # z-depth -> distance along the unit ray
-            depth = imgs.depths[imgs.offsets[ids] + flat] / z_per_t.clamp_min(1e-6)
+        depth = None if z is None else z / z_per_t.clamp_min(1e-6)  # z-depth -> distance along the unit ray
         return RayBatch(origins, dirs, rgb, ids, pixels, depth)
 
     def patches(self, image_ids: Tensor, per_image: int, size: int, stride: int) -> Tensor:

@@ -104,6 +104,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # logged training losses
     val: list[dict] = field(default_factory=list)  # validation results
     culling: dict = field(default_factory=dict)  # the occupancy grid's CullSchedule (a resumed run culls as the uninterrupted one)
+    keypoint_depths: int = 0  # sparse depth targets triangulated for keypoint_depth_weight
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -119,10 +120,16 @@ class Trainer:
         self.progress = progress
         self.images = ImageSet(scene, scene.split("train"), self.device, config.model.act_bins,
                                with_depth=config.depth_weight > 0)
+        self.state = TrainState(n_rays=config.batch_rays)
+        self.depth_weight = config.depth_weight
+        if config.keypoint_depth_weight > 0 and config.depth_weight == 0:
+            from fastnefes.data.triangulate import keypoint_depths
+
+            self.state.keypoint_depths = self.images.set_keypoints(keypoint_depths(scene, self.images.indices))
+            self.depth_weight = config.keypoint_depth_weight
         self.sampler = RaySampler(self.images, config.seed)
         self.optimizer = build_optimizer(model, config)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.state = TrainState(n_rays=config.batch_rays)
         self.closing_s = {"val": 0.0, "checkpoint": 0.0}  # the last of each: what the budget's end still costs
         self.val_indices = (scene.split("val") or scene.split("test"))[: max(config.val_images, 0)]
         self.amp = config.mixed_precision and self.device.type == "cuda"
@@ -176,14 +183,14 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------
     def _photometric(self, n_rays: int, image_ids: Optional[Tensor] = None, with_features: bool = False):
-        batch = self.sampler.rays(n_rays, image_ids)
+        batch = self.sampler.rays(n_rays, image_ids, self.cfg.keypoint_ray_fraction)
         hist = self.images.histograms[batch.image_ids]
         out = render_rays(self.model, batch.origins, batch.dirs, image_ids=batch.image_ids, act_histograms=hist,
                           with_features=with_features, training=True, with_distortion=self.cfg.distortion_weight > 0)
         loss = photometric_loss(out["rgb_train"], batch.rgb, out.get("beta"), out.get("transient_density"),
                                 self.cfg.transient_reg)
         if batch.depth is not None:
-            loss = loss + self.cfg.depth_weight * depth_loss(out["depth"], batch.depth)
+            loss = loss + self.depth_weight * depth_loss(out["depth"], batch.depth)
         if "distortion" in out:
             loss = loss + self.cfg.distortion_weight * out["distortion"]
         if "rgb_coarse" in out:  # --arch mlp: NeRF trains its coarse network on plain RGB
