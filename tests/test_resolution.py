@@ -39,3 +39,17 @@ def test_resolve_grid_raises_the_scale_once_and_records_it():
     off = ModelConfig()
     off.resolve_grid(1000.0)
     assert off.grid == ModelConfig().grid
+
+
+def test_a_partial_grid_keeps_the_models_other_grid_defaults():
+    from fastnefes.errors import FastnefesError
+    from fastnefes.train.config import TrainConfig
+
+    cfg = TrainConfig(model={"grid": {"log2_hashmap_size": 19}, "grid_from_pixels": True}).model
+    assert cfg.grid == {**ModelConfig().grid, "log2_hashmap_size": 19}
+    cfg.resolve_grid(1000.0)  # needs every key
+    assert cfg.grid["base_resolution"] * cfg.grid["per_level_scale"] ** (cfg.grid["n_levels"] - 1) == pytest.approx(1000.0)
+    with pytest.raises(FastnefesError, match="unknown keys"):
+        ModelConfig(grid={"levels": 4})
+    with pytest.raises(FastnefesError, match="grid=4, expected a JSON object"):
+        ModelConfig(grid=4)

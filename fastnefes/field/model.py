@@ -114,7 +114,10 @@ class ModelConfig:
             raise FastnefesError(f"model config: background={self.background!r}, expected one of {BACKGROUNDS}")
         if not (isinstance(self.feature_dim, int) and self.feature_dim >= 1):
             raise FastnefesError(f"model config: feature_dim={self.feature_dim!r}, expected a positive integer")
-        HashGridConfig.from_dict(self.grid)  # validates
+        if not isinstance(self.grid, dict):
+            raise FastnefesError(f"model config: grid={self.grid!r}, expected a JSON object of hash grid settings")
+        # Keys left out keep the model's defaults (a partial {"log2_hashmap_size": 19} is complete).
+        self.grid = asdict(HashGridConfig.from_dict({**_default_grid(), **self.grid}))  # validates
 
     @property
     def render_step_size(self) -> float:
