@@ -43,10 +43,15 @@ def test_resolve_grid_raises_the_scale_once_and_records_it():
 
 def test_a_partial_grid_keeps_the_models_other_grid_defaults():
     from fastnefes.errors import FastnefesError
-    from fastnefes.train.config import TrainConfig
+    from fastnefes.train.config import TrainConfig, train_config
 
     cfg = TrainConfig(model={"grid": {"log2_hashmap_size": 19}, "grid_from_pixels": True}).model
     assert cfg.grid == {**ModelConfig().grid, "log2_hashmap_size": 19}
+    # as train --config gives it, over the preset's model
+    over = train_config(overrides={"model": {"grid": {"n_levels": 12}, "grid_from_pixels": True}}).model
+    assert over.grid == {**ModelConfig().grid, "n_levels": 12} and over.grid_from_pixels
+    with pytest.raises(FastnefesError, match="model config: space='nowhere'"):
+        train_config(overrides={"model": {"space": "nowhere"}})
     cfg.resolve_grid(1000.0)  # needs every key
     assert cfg.grid["base_resolution"] * cfg.grid["per_level_scale"] ** (cfg.grid["n_levels"] - 1) == pytest.approx(1000.0)
     with pytest.raises(FastnefesError, match="unknown keys"):

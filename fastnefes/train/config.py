@@ -179,7 +179,8 @@ def train_config(arch: str = "hash", preset: str = "default", overrides: Optiona
     if unknown:
         raise FastnefesError(f"{where}: unknown settings {unknown}")
     cfg = TrainConfig.for_arch(arch, **{**TRAIN_PRESETS[preset], **overrides, **fields_})
-    for key, value in model_over.items():
-        setattr(cfg.model, key, value)
+    if isinstance(model_over.get("grid"), dict):  # a partial grid changes only the keys it names
+        model_over["grid"] = {**cfg.model.grid, **model_over["grid"]}
+    cfg.model = ModelConfig.from_dict({**asdict(cfg.model), **model_over})  # validated as a whole
     return cfg
 
