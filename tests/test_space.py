@@ -170,3 +170,13 @@ def test_keypoint_depths_match_the_true_depth():
     # silhouette (ball against background: on no surface). Without the two-pair agreement test,
     # repeated texture's wrong matches put 28% of them beyond 5%.
     assert len(errors) > 200 and np.median(errors) < 0.02 and np.mean(errors < 0.05) > 0.9
+
+
+def test_neighbour_pairs_skip_cameras_closer_than_the_baseline():
+    """Consecutive video frames are millimetres apart: too close to triangulate."""
+    from fastnefes.data.triangulate import neighbour_pairs
+
+    c2w = np.stack([_pose([0.01 * k, 0.0, 0.0], [0.0, 1.0, 0.0]) for k in range(30)])
+    assert neighbour_pairs(c2w, 2)[:3] == [(0, 1), (0, 2), (1, 2)]
+    for i, j in neighbour_pairs(c2w, 2, min_baseline=0.1):
+        assert 0.1 < abs(i - j) * 0.01 <= 0.12

@@ -362,7 +362,7 @@ def test_keypoint_depth_supervision_brings_rendered_depth_closer_to_the_truth(sm
     import fastnefes.data.triangulate as triangulate
     from fastnefes.train.trainer import evaluate_views
 
-    monkeypatch.setattr(triangulate, "keypoint_depths", lambda scene, indices: true_keypoints(scene, 50))
+    monkeypatch.setattr(triangulate, "keypoint_depths", lambda scene, indices, center: true_keypoints(scene, 50))
 
     def depth_error(weight: float) -> tuple[float, int]:
         model, metrics = train(small_room, tiny_config(steps=60, stage_fractions=(1.0, 0.0, 0.0),

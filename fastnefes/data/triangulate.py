@@ -9,7 +9,7 @@ distance), the rays meet at a usable angle in front of both cameras and the poin
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -55,15 +55,17 @@ def _sampson(F: np.ndarray, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
     return np.sqrt(num / np.maximum(den, 1e-12))
 
 
-def neighbour_pairs(c2w: np.ndarray, per_view: int = 2, max_angle_deg: float = 45.0) -> list[tuple[int, int]]:
+def neighbour_pairs(c2w: np.ndarray, per_view: int = 2, max_angle_deg: float = 45.0,
+                    min_baseline: float = 0.0) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, of views [N, 4, 4] to match: each view with its `per_view` nearest
-    cameras (by centre distance) whose optical axes differ by less than max_angle_deg."""
+    cameras (by centre distance) at least min_baseline away whose optical axes differ by less
+    than max_angle_deg."""
     centres, axes = c2w[:, :3, 3], c2w[:, :3, 2]
     cos_max = np.cos(np.radians(max_angle_deg))
     pairs = set()
     for i in range(len(c2w)):
         dist = np.linalg.norm(centres - centres[i], axis=1)
-        ok = (axes @ axes[i] > cos_max) & (dist > 0)
+        ok = (axes @ axes[i] > cos_max) & (dist > max(min_baseline, 0.0))
         for j in np.argsort(np.where(ok, dist, np.inf))[:per_view]:
             if ok[j]:
                 pairs.add((min(i, int(j)), max(i, int(j))))
@@ -84,7 +86,8 @@ class PairMatches(NamedTuple):
 
 
 def triangulated_pairs(scene, views: Sequence[int], features: int = 3000, max_sampson_px: float = 1.5,
-                       max_reproj_px: float = 2.0, min_angle_deg: float = 1.0, per_view: int = 2):
+                       max_reproj_px: float = 2.0, min_angle_deg: float = 1.0, per_view: int = 2,
+                       min_baseline: float = 0.0):
     """Yield PairMatches for the neighbouring pairs of `views`: the matches of views i and j
     that survive the epipolar, cheirality, reprojection and angle tests."""
     import cv2
@@ -101,7 +104,7 @@ def triangulated_pairs(scene, views: Sequence[int], features: int = 3000, max_sa
         return cache[i]
 
     matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True)
-    for a, b in neighbour_pairs(scene.c2w[list(views)], per_view):
+    for a, b in neighbour_pairs(scene.c2w[list(views)], per_view, min_baseline=min_baseline):
         i, j = views[a], views[b]
         (p1, d1, P1, s1), (p2, d2, P2, s2) = detect(i), detect(j)
         if d1 is None or d2 is None or len(p1) < 8 or len(p2) < 8:
@@ -145,13 +148,16 @@ def triangulate_scene(scene, indices: Sequence[int], max_views: int = 24, **sett
     return np.concatenate(points) if points else np.zeros((0, 3))
 
 
-def keypoint_depths(scene, indices: Sequence[int], max_views: int = 256, min_angle_deg: float = 2.0,
-                    agree: float = 0.02) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def keypoint_depths(scene, indices: Sequence[int], center: Optional[np.ndarray] = None, max_views: int = 256,
+                    min_angle_deg: float = 2.0, baseline_fraction: float = 0.05, agree: float = 0.02
+                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Sparse depth for training (DS-NeRF's free supervision): the keypoints of the scene's
     images `indices` (up to `max_views`, evenly spaced) whose depth two matches with different
     neighbours triangulate alike (within `agree`, relative). One pair's triangulation can be a
     wrong match along the epipolar line (repeated texture passes every two-view test); two
-    independent ones that agree rarely are.
+    independent ones that agree rarely are. Each view is matched with its two nearest cameras
+    at least baseline_fraction of the cameras' median distance to `center` (the scene's centre,
+    dataset frame) away: consecutive video frames are too close to triangulate.
 
     Returns:
         {view: (flat pixel indices [M] long, row-major at the loaded resolution; z-depth [M]
@@ -163,8 +169,12 @@ def keypoint_depths(scene, indices: Sequence[int], max_views: int = 256, min_ang
     views = evenly_spaced(list(indices), max_views)
     if len(views) < 2:
         return {}
+    min_baseline = 0.0
+    if center is not None:
+        distance = np.linalg.norm(scene.c2w[views][:, :3, 3] - np.asarray(center, dtype=np.float64), axis=1)
+        min_baseline = baseline_fraction * float(np.median(distance))
     estimates: dict[int, dict[int, list]] = {}  # view -> keypoint -> [(x, z), ...]
-    for pair in triangulated_pairs(scene, views, min_angle_deg=min_angle_deg):
+    for pair in triangulated_pairs(scene, views, min_angle_deg=min_angle_deg, min_baseline=min_baseline):
         for view, x, k in ((pair.i, pair.x_i, pair.k_i), (pair.j, pair.x_j, pair.k_j)):
             c2w = np.asarray(scene.c2w[view], dtype=np.float64)
             z = (pair.points - c2w[:3, 3]) @ c2w[:3, 2]

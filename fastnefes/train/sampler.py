@@ -127,12 +127,13 @@ class RaySampler:
     def rays(self, n_rays: int, image_ids: Optional[Tensor] = None, keypoint_fraction: float = 0.0) -> RayBatch:
         """n_rays random pixels, from all images or evenly from image_ids [B] (then ordered
         image by image, n_rays // B each). Without image_ids and with keypoints set, the last
-        round(n_rays * keypoint_fraction) rays are random keypoints (their depth > 0, the
-        others' 0 unless depth maps are loaded)."""
+        round(n_rays * keypoint_fraction) rays (at most one per 8 keypoints) are random
+        keypoints (their depth > 0, the others' 0 unless depth maps are loaded)."""
         imgs = self.images
         n_keypoints = 0
         if image_ids is None and imgs.keypoints is not None and keypoint_fraction > 0:
-            n_keypoints = min(int(round(n_rays * keypoint_fraction)), n_rays - 1)
+            # at most one ray per 8 keypoints: a handful of them must not be drawn over and over
+            n_keypoints = min(int(round(n_rays * keypoint_fraction)), n_rays - 1, imgs.keypoints[0].shape[0] // 8)
         if image_ids is None:
             n_random = n_rays - n_keypoints
             ids = (self._rand(n_random) * len(imgs)).long().clamp_max(len(imgs) - 1)

@@ -125,7 +125,8 @@ class Trainer:
         if config.keypoint_depth_weight > 0 and config.depth_weight == 0:
             from fastnefes.data.triangulate import keypoint_depths
 
-            self.state.keypoint_depths = self.images.set_keypoints(keypoint_depths(scene, self.images.indices))
+            found = keypoint_depths(scene, self.images.indices, center=model.normalization.center)
+            self.state.keypoint_depths = self.images.set_keypoints(found)
             self.depth_weight = config.keypoint_depth_weight
         self.sampler = RaySampler(self.images, config.seed)
         self.optimizer = build_optimizer(model, config)
