@@ -40,7 +40,8 @@ TRACK_FRAME: dict = {
     "search_pad": 0.0,
     "stride": 4,
     "polish_levels": 1,
-    "polish_stride": 4,
+    "polish_stride": 2,  # the rays' pixels on the half-resolution grid: half the error of stride 4
+    "polish_judge_pixels": 1200,  # the judge on the 1200-pixel grid the pixel check renders (shared)
     "polish_rays": 300,
     "polish_iters": 5,
     "verify_rays": 1200,  # the pixel check on a quarter of refine's pixels: it would cost more than the polish
