@@ -146,10 +146,11 @@ def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys, tmp_path, data
 
 def test_cli_train_and_render(monkeypatch, capsys, tmp_path, dataset_on_disk):
     code, text = run_cli(monkeypatch, capsys, "train", dataset_on_disk, "--out", tmp_path / "run", "--steps", 6,
-                         "--device", "cpu", "--feature-dim", 8, "--depth-weight", 0.5, "--distortion-weight", 0.1)
+                         "--device", "cpu", "--feature-dim", 8, "--depth-weight", 0.5, "--distortion-weight", 0.1,
+                         "--keypoint-depth-weight", 0.3)
     assert code == 0, text
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
-    assert saved["depth_weight"] == 0.5 and saved["distortion_weight"] == 0.1
+    assert saved["depth_weight"] == 0.5 and saved["distortion_weight"] == 0.1 and saved["keypoint_depth_weight"] == 0.3
     assert "val PSNR" in text and "fusion" in text
     code, text = run_cli(monkeypatch, capsys, "render", tmp_path / "run", "--data", dataset_on_disk, "--out", tmp_path / "vis",
                          "--split", "test", "--limit", 2)
