@@ -40,7 +40,7 @@ TRACK_FRAME: dict = {
     "search_pad": 0.0,
     "stride": 4,
     "polish_levels": 1,
-    "polish_stride": 2,  # the rays' pixels on the half-resolution grid: half the error of stride 4
+    "polish_stride": 2,  # rays picked on the half-resolution grid (room median 0.97 cm; 1.59 at stride 4)
     "polish_judge_pixels": 1200,  # the judge on the 1200-pixel grid the pixel check renders (shared)
     "polish_rays": 300,
     "polish_iters": 5,
