@@ -144,6 +144,14 @@ def test_cli_bad_inputs_exit_2_with_one_line(monkeypatch, capsys, tmp_path, data
     assert code == 2 and "corrupt" in text
 
 
+def test_cli_train_reports_its_keypoint_depths(monkeypatch, capsys, tmp_path, dataset_on_disk):
+    code, text = run_cli(monkeypatch, capsys, "train", dataset_on_disk, "--out", tmp_path / "run", "--steps", 3,
+                         "--device", "cpu", "--feature-dim", 8, "--keypoint-depth-weight", 0.5)
+    assert code == 0, text
+    found = json.loads((tmp_path / "run" / "metrics.json").read_text())["keypoint_depths"]
+    assert f"keypoint depth: {found} triangulated keypoints supervised" in " ".join(text.split())
+
+
 def test_cli_train_and_render(monkeypatch, capsys, tmp_path, dataset_on_disk):
     code, text = run_cli(monkeypatch, capsys, "train", dataset_on_disk, "--out", tmp_path / "run", "--steps", 6,
                          "--device", "cpu", "--feature-dim", 8, "--depth-weight", 0.5, "--distortion-weight", 0.1,
