@@ -88,18 +88,26 @@ def forward_facing_scene() -> Scene:
     return _scene(c2w, render)
 
 
+BALL_RADIUS = 0.7
+
+
+def _ball_distance(o: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Ray parameter t [...] of the first hit of rays o + t d [..., 3] on the ball at the
+    origin; inf where a ray misses it."""
+    a, b = np.einsum("...i,...i->...", d, d), np.einsum("...i,...i->...", o, d)
+    disc = b * b - a * (np.einsum("...i,...i->...", o, o) - BALL_RADIUS**2)
+    return np.where(disc > 0, (-b - np.sqrt(np.maximum(disc, 0))) / a, np.inf)
+
+
 def inward_facing_scene(n_views: int = 16) -> Scene:
     """Cameras on a ring around a textured ball on a white background (an object capture)."""
     angles = np.linspace(0, 2 * np.pi, n_views, endpoint=False)
     c2w = np.stack([_pose([3 * np.cos(a), 3 * np.sin(a), 0.8], [-np.cos(a), -np.sin(a), -0.27]) for a in angles])
 
     def render(o, d):
-        b = np.einsum("...i,...i->...", o, d)
-        c = np.einsum("...i,...i->...", o, o) - 0.7**2
-        disc = b * b - np.einsum("...i,...i->...", d, d) * c
-        hit = disc > 0
-        t = (-b - np.sqrt(np.maximum(disc, 0))) / np.einsum("...i,...i->...", d, d)
-        p = o + d * t[..., None]
+        t = _ball_distance(o, d)
+        hit = np.isfinite(t)
+        p = o + d * np.where(hit, t, 0.0)[..., None]
         value = np.where(hit, _textured(p[..., :2] + p[..., 2:] * 0.7, 3, 0.15), 1.0)
         return (np.repeat(value[..., None], 3, -1) * 255).astype(np.uint8)
 
@@ -120,7 +128,7 @@ def test_object_on_a_plain_background_gets_a_bounded_space():
     scene = inward_facing_scene()
     norm = compute_normalization(scene)
     assert norm.source == "silhouettes" and norm.space == "bounded"
-    ball = norm.to_unit(np.array([[-0.7, -0.7, -0.7], [0.7, 0.7, 0.7]]))
+    ball = norm.to_unit(np.array([[-BALL_RADIUS] * 3, [BALL_RADIUS] * 3]))
     assert ball.min() >= 0 and ball.max() <= 1 and (ball[1] - ball[0]).max() > 0.5
 
 
@@ -159,10 +167,7 @@ def test_keypoint_depths_match_the_true_depth():
     for view, (flat, z) in found.items():
         assert flat.dtype == np.int64 and z.dtype == np.float32 and len(np.unique(flat)) == len(flat)
         o, d = _rays(scene.K[view], scene.c2w[view])  # d has unit camera z: t is the z-depth
-        o, d = o.reshape(-1, 3)[flat], d.reshape(-1, 3)[flat]
-        b, a = np.einsum("ij,ij->i", o, d), np.einsum("ij,ij->i", d, d)
-        disc = b * b - a * (np.einsum("ij,ij->i", o, o) - 0.7**2)
-        true = np.where(disc > 0, (-b - np.sqrt(np.maximum(disc, 0))) / a, np.inf)
+        true = _ball_distance(o.reshape(-1, 3)[flat], d.reshape(-1, 3)[flat])
         errors.append(np.where(np.isfinite(true), np.abs(z - true) / true, 1.0))  # off the ball: wrong
     errors = np.concatenate(errors)
     # a keypoint's depth is compared at its pixel's centre; the few far off are corners on the

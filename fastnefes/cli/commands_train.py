@@ -139,7 +139,7 @@ def train_field_command(
     console.print(f"scene box from {norm.source}, {norm.space} space ({1 / norm.scale:.3g} units across); "
                   f"finest grid level {finest} cells across; "
                   f"data options: {as_options(format, downscale, max_side, focal, sfm_poses).describe()}")
-    if saved.keypoint_depth_weight > 0 and saved.depth_weight == 0:
+    if saved.supervises_keypoint_depth:
         console.print(f"keypoint depth: {metrics.get('keypoint_depths', 0)} triangulated keypoints supervised"
                       + (" (none found: no depth supervision)" if not metrics.get("keypoint_depths") else ""))
     console.print(f"run written to {out}")

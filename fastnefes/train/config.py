@@ -117,6 +117,11 @@ class TrainConfig:
         if self.minutes is not None and not self.minutes > 0:
             raise FastnefesError(f"train config: minutes={self.minutes!r}, expected a positive number")
 
+    @property
+    def supervises_keypoint_depth(self) -> bool:
+        """Keypoint depth applies: asked for, and no depth maps supervise depth instead."""
+        return self.keypoint_depth_weight > 0 and self.depth_weight == 0
+
     @classmethod
     def for_arch(cls, arch: str, **overrides: Any) -> "TrainConfig":
         """Defaults for `arch` ("hash" | "mlp", see ARCH_PRESETS), then `overrides`."""

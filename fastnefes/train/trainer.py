@@ -122,7 +122,7 @@ class Trainer:
                                with_depth=config.depth_weight > 0)
         self.state = TrainState(n_rays=config.batch_rays)
         self.depth_weight = config.depth_weight
-        if config.keypoint_depth_weight > 0 and config.depth_weight == 0:
+        if config.supervises_keypoint_depth:
             from fastnefes.data.triangulate import keypoint_depths
 
             found = keypoint_depths(scene, self.images.indices, center=model.normalization.center)
