@@ -359,3 +359,12 @@ def test_bounds_cli_writes_plot_and_records_per_signal(tiny_run, tiny_data, tmp_
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = run_cli("bounds", run_dir, "--data", tiny_data, "--out", tmp_path / "b2.png", "--signals", "depth")
     assert r.returncode == 2 and "--signals" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # A preset runs its own method; the options still win over it.
+    r = run_cli("bounds", run_dir, "--data", tiny_data, "--out", tmp_path / "b3.png", "--queries", "1", "--signals",
+                "features", "--preset", "direct", "--iters", "2", "--polish-iters", "0")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "b3.json").read_text())
+    assert result["config"]["method"] == "direct" and result["config"]["iters"] == 2
+    assert set(result["records"]) == {"features"} and len(result["records"]["features"]) == 12
+    r = run_cli("bounds", run_dir, "--data", tiny_data, "--out", tmp_path / "b4.png", "--preset", "nope")
+    assert r.returncode == 2 and "refine preset 'nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -21,6 +21,7 @@ def bounds_command(
     split: SplitOpt = "test",
     queries: Annotated[int, typer.Option("--queries", min=1, help="Test images used per perturbation magnitude.")] = 8,
     signals: Annotated[str, typer.Option("--signals", help="Comma-separated: features, rgb.")] = "features,rgb",
+    preset: Annotated[str, typer.Option("--preset", help="refine's preset the sweep runs (default, fast, lm or direct); the options below win over it.")] = "default",
     iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Main-phase iterations (default: refine's).")] = None,
     polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Photometric polish iterations per level (default: refine's; 0 compares the signals alone).")] = None,
     search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the main phase, for every signal (default: refine's; 0 compares the local optimisers alone).")] = None,
@@ -45,13 +46,13 @@ def bounds_command(
         raise FastnefesError(f"--signals {signals!r}: expected a comma-separated list of features, rgb")
     if out.suffix.lower() != ".png":
         raise FastnefesError(f"--out {out}: expected a .png path")
+    config = RefineConfig.preset(preset)  # fails before any loading
     model, scene = load_refinement_inputs(run, data, device, format, downscale, max_side, focal, sfm_poses)
     scale = 1.0 / float(model.normalization.scale)
     sweeps = default_sweeps(scale)
     total = len(sigs) * sum(len(v) for v in sweeps.values())
     with progress_bar() as bar:
         task = bar.add_task("bounds", total=total, info=f"{min(queries, len(scene.split(split)))} queries per magnitude")
-        config = RefineConfig()
         config.iters = config.iters if iters is None else iters
         config.polish_iters = config.polish_iters if polish_iters is None else polish_iters
         config.search_pad = config.search_pad if search_pad is None else search_pad
