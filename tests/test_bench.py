@@ -87,7 +87,7 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
     assert "per-iteration breakdown" in out and "field_forward" in out
     result = json.loads(refine_json.read_text())
     assert list(result["archs"]) == ["hash", "mlp"]  # hash first whichever run was the argument
-    assert list(result["rows"]) == ["hash default", "hash direct", "mlp default"]
+    assert list(result["rows"]) == ["hash default", "hash nefes", "mlp nefes"]
     for label, row in result["rows"].items():
         assert row["arch"] == label.split()[0] and row["preset"] == label.split()[1]
         lat = row["latency_ms"]
@@ -104,7 +104,7 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
     for key in ("ratios", "end_to_end", "presets"):
         assert key in result
     assert result["ratios"]["iteration_time"] > 0 and result["end_to_end"]["latency_p50"] > 0
-    assert list(result["presets"]) == ["hash direct"]
+    assert list(result["presets"]) == ["hash nefes"]
 
     # The suite's markdown table renders from these two files (what the README quotes).
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -113,7 +113,7 @@ def test_bench_train_then_refine_json(tiny_dataset, tmp_path, monkeypatch, capsy
     finally:
         sys.path.pop(0)
     md = markdown(json.loads(train_json.read_text()), result)
-    assert "| mlp / hash, same preset |" in md and "| hash direct / hash default |" in md and "| field_forward |" in md and "queries/s @2" in md
+    assert "| mlp / hash, same preset |" in md and "| hash nefes / hash default |" in md and "| field_forward |" in md and "queries/s @2" in md
 
 
 def test_gpu_check_script_parses():

@@ -15,6 +15,11 @@ from fastnefes.render import render_rays
 from conftest import query_views
 
 
+def nefes_config(**overrides) -> RefineConfig:
+    """The Levenberg-Marquardt polish these tests are about: the nefes preset's."""
+    return RefineConfig.preset("nefes", **overrides)
+
+
 def test_textured_pixels_take_each_blocks_edge_pixel():
     h, w, s = 6, 8, 2
     target = torch.zeros(2, 3, h, w)
@@ -93,7 +98,7 @@ def test_polish_never_raises_the_photometric_loss(tiny_run, tiny_scene, rays):
     _, model = tiny_run
     images, K, gt = query_views(tiny_scene, 3)
     init = perturb_poses(gt, 1.0, 0.02, seed=5)
-    cfg = RefineConfig(iters=0, polish_iters=4, polish_stride=2, verify=False, polish_rays=rays)
+    cfg = nefes_config(iters=0, polish_iters=4, polish_stride=2, verify=False, polish_rays=rays)
     refiner = Refiner(model, cfg)
     res = refiner.refine(images, K, init)
     target = refiner.encode_queries(images, "rgb", 2)
@@ -117,7 +122,7 @@ def test_a_subset_polish_is_undone_where_every_pixel_says_it_hurt(tiny_run, tiny
     images, K, gt = query_views(tiny_scene, 2)
     init = perturb_poses(gt, 3.0, 0.05, seed=4)
     base = dict(iters=4, coarse_iters=0, search_pad=0.0)
-    plain = Refiner(model, RefineConfig(**base, polish_iters=0)).refine(images, K, init)
+    plain = Refiner(model, nefes_config(**base, polish_iters=0)).refine(images, K, init)
     seen = []
 
     def far_polish(model, K, init, target, height, width, stride, iters, delta, failed, counts, *rest, **kw):
@@ -126,7 +131,7 @@ def test_a_subset_polish_is_undone_where_every_pixel_says_it_hurt(tiny_run, tiny
         return torch.ones(delta.shape[0], dtype=torch.bool)
 
     monkeypatch.setattr(refiner_module, "levenberg_marquardt_phase", far_polish)
-    res = Refiner(model, RefineConfig(**base, polish_iters=1, polish_levels=1, polish_rays=50)).refine(images, K, init)
+    res = Refiner(model, nefes_config(**base, polish_iters=1, polish_levels=1, polish_rays=50)).refine(images, K, init)
     assert seen == [50]
     moved, turned = pose_errors(res.poses, plain.poses)
     assert moved.max() < 1e-6 and turned.max() < 1e-4  # the feature phase's result, not the polish's
@@ -149,7 +154,7 @@ def test_polish_keeps_its_jacobian_between_refreshes(tiny_run, tiny_scene, monke
         return photometric_jacobian(*args, with_jacobian=with_jacobian, **kw)
 
     monkeypatch.setattr(gn, "photometric_jacobian", counting)
-    cfg = RefineConfig(iters=0, polish_iters=5, polish_levels=1, polish_stride=2, verify=False,
+    cfg = nefes_config(iters=0, polish_iters=5, polish_levels=1, polish_stride=2, verify=False,
                        polish_jacobian_every=every)
     refiner = Refiner(model, cfg)
     res = refiner.refine(images, K, init)
@@ -173,7 +178,7 @@ def test_views_rendered_again_in_one_refinement_are_reused(tiny_run, tiny_scene,
     _, model = tiny_run
     images, K, gt = query_views(tiny_scene, 2)
     init = perturb_poses(gt, 1.0, 0.02, seed=6)
-    cfg = RefineConfig(signal="rgb", iters=0, search_pad=0.0, stride=4, polish_levels=1, polish_stride=4,
+    cfg = nefes_config(signal="rgb", iters=0, search_pad=0.0, stride=4, polish_levels=1, polish_stride=4,
                        polish_rays=100, polish_iters=3, verify_rays=192)
     renders = []
     plain_render = render_module.render_image

@@ -46,12 +46,15 @@ def test_train_cli_rejects_bad_config_files(monkeypatch, capsys, tmp_path):
 def test_refine_presets_and_config_files(monkeypatch, capsys, tmp_path):
     from fastnefes.refine.config import PRESETS, RefineConfig, checked_config
 
-    assert RefineConfig.preset("default").to_dict() == RefineConfig().to_dict()
+    # default = direct = the defaults: direct alignment of features, then of colours
+    assert RefineConfig.preset("default").to_dict() == RefineConfig().to_dict() == RefineConfig.preset("direct").to_dict()
+    default = RefineConfig()
+    assert default.method == "direct" and default.polish_method == "direct" and default.iters < 20
+    nefes = RefineConfig.preset("nefes")  # NeFeS: Adam on the features, a Levenberg-Marquardt polish
+    assert nefes.method == "adam" and nefes.polish_method == "lm" and nefes.iters == 150
     fast = RefineConfig.preset("fast")
-    assert fast.iters < RefineConfig().iters and fast.polish_iters < RefineConfig().polish_iters
-    assert RefineConfig.preset("lm").method == "lm" and set(PRESETS) == {"default", "fast", "lm", "direct"}
-    direct = RefineConfig.preset("direct")
-    assert direct.method == "direct" and direct.polish_method == "direct" and direct.iters < 20
+    assert fast.method == "adam" and fast.iters < nefes.iters and fast.polish_iters < nefes.polish_iters
+    assert RefineConfig.preset("lm").method == "lm" and set(PRESETS) == {"default", "direct", "nefes", "fast", "lm"}
     cfg = checked_config({"iters": 7, "loss": "robust"}, "f.json", base=RefineConfig.preset("fast"))
     assert cfg.iters == 7 and cfg.loss == "robust" and cfg.polish_iters == fast.polish_iters
     for bad, needle in (({"iterz": 1}, "iterz"), ({"iters": 1.5}, "iters"), ({"loss": "l3"}, "loss"),
@@ -66,4 +69,10 @@ def test_refine_presets_and_config_files(monkeypatch, capsys, tmp_path):
     assert code == 2 and str(bad) in err and "iters" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_main(monkeypatch, capsys, "refine", str(tmp_path), "--data", str(tmp_path), "--init", str(bad),
                             "--out", str(tmp_path / "r.txt"), "--preset", "turbo")
-    assert code == 2 and "default, fast, lm" in err
+    assert code == 2 and "default, direct, nefes, fast, lm" in err
+    # The APR target is refined by Adam on the APR's weights: nefes unless told otherwise, and a
+    # method without a gradient through the APR is refused before anything is read.
+    for extra in (["--method", "direct"], ["--preset", "default"]):
+        code, _, err = run_main(monkeypatch, capsys, "refine", str(tmp_path), "--data", str(tmp_path), "--target", "apr",
+                                "--apr", str(tmp_path), "--out", str(tmp_path / "r.txt"), *extra)
+        assert code == 2 and "--target apr is refined by Adam" in err and len(err.strip().splitlines()) == 1, err

@@ -13,6 +13,7 @@ import torch
 
 from fastnefes.geometry import perturb_poses, pose_errors, read_poses, write_poses
 from fastnefes.refine import RefineConfig, Refiner
+from fastnefes.refine.config import NEFES
 from fastnefes.refine.losses import feature_metric_loss
 from fastnefes.refine.optim import BatchedAdam
 
@@ -120,8 +121,8 @@ def test_verification_judges_the_polish_by_its_own_loss(tiny_run, tiny_scene, mo
     _, model = tiny_run
     images, K, gt = query_views(tiny_scene, 2)
     init = perturb_poses(gt, 3.0, 0.05, seed=4)
-    base = dict(iters=4, coarse_iters=0, search_pad=0.0)
-    plain = Refiner(model, RefineConfig(**base, polish_iters=0)).refine(images, K, init)
+    base = dict(NEFES, iters=4, coarse_iters=0, search_pad=0.0)  # Adam, then a Levenberg-Marquardt polish
+    plain = Refiner(model, RefineConfig(**{**base, "polish_iters": 0})).refine(images, K, init)
     shift = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])  # half a metre along the camera's x axis
 
     def far_polish(model, K, init, target, height, width, stride, iters, delta, failed, counts, *rest, **kw):
@@ -130,8 +131,8 @@ def test_verification_judges_the_polish_by_its_own_loss(tiny_run, tiny_scene, mo
 
     monkeypatch.setattr(refiner_module, "levenberg_marquardt_phase", far_polish)
     # polish_rays 0: the polish fits every pixel (a subset is judged on all: test_polish).
-    polish = dict(**base, polish_iters=1, polish_levels=1, polish_rays=0)
-    res = Refiner(model, RefineConfig(**polish, verify_rays=0)).refine(images, K, init)  # losses only
+    polish = dict(base, polish_iters=1, polish_levels=1, polish_rays=0)
+    res = Refiner(model, RefineConfig(**{**polish, "verify_rays": 0})).refine(images, K, init)  # losses only
     checked = Refiner(model, RefineConfig(**polish)).refine(images, K, init)  # and the query's pixels
     for i, d in enumerate(res.diagnostics):
         # the pixels see what the losses cannot: the far pose matches the query worse
@@ -274,7 +275,10 @@ def test_apr_target_updates_only_the_copy(tiny_run, tiny_scene):
     apr.set_frame(tiny_scene.c2w[tiny_scene.split("train")])
     apr.eval()
     before = {k: v.clone() for k, v in apr.state_dict().items()}
-    res = Refiner(model, RefineConfig(target="apr", iters=3, verify=False, polish_iters=0)).refine(images, K, None, apr=apr)
+    with pytest.raises(ValueError, match="preset\\('nefes', target='apr'\\)"):  # no warp Jacobian through an APR
+        Refiner(model, RefineConfig(target="apr")).refine(images, K, None, apr=apr)
+    res = Refiner(model, RefineConfig.preset("nefes", target="apr", iters=3, verify=False, polish_iters=0)).refine(
+        images, K, None, apr=apr)
     after = apr.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert res.diagnostics[0].iterations == 3

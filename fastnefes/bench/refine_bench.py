@@ -1,6 +1,6 @@
 """`fastnefes bench refine`: per-query latency, a per-iteration breakdown, batched throughput and
-the accuracy after refinement, for refinement presets side by side (default and direct by
-default) and for a baseline run of the other arch.
+the accuracy after refinement, for refinement presets side by side (default and nefes by
+default) and for a baseline run of the other arch (its nefes row: NeFeS's design and pipeline).
 
 Every row sees the same queries (the split's first `queries` views) from the same perturbed
 poses. Latencies are wall times around whole `Refiner.refine` calls (CUDA synchronised), the
@@ -41,8 +41,8 @@ class RefineBenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     throughput_iters: Optional[int] = None  # feature iterations in the throughput runs (None: the config's)
     throughput_polish: bool = True  # False: throughput of the feature phase alone (no photometric polish)
-    presets: tuple[str, ...] = ("default", "direct")  # rows of the run's arch (RefineConfig.preset)
-    baseline_preset: str = "default"  # the row of the baseline arch
+    presets: tuple[str, ...] = ("default", "nefes")  # rows of the run's arch (RefineConfig.preset)
+    baseline_preset: str = "nefes"  # the row of the baseline arch
     within: tuple[float, float] = (0.05, 5.0)  # recall thresholds: dataset units, degrees
     refine: dict[str, Any] = field(default_factory=dict)  # RefineConfig overrides for every row
 
@@ -162,7 +162,7 @@ def bench_refine(models: dict[str, Any], scene: Scene, cfg: RefineBenchConfig, d
                  progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """models: arch -> trained model, the run's arch first (e.g. {'hash': ..., 'mlp': ...}).
 
-    Returns per row ('hash default', 'hash fast', 'mlp default', ...) the figures, `archs`
+    Returns per row ('hash default', 'hash nefes', 'mlp nefes', ...) the figures, `archs`
     (per arch, the row of its first preset), and ratios: `ratios` mlp / hash under the same
     preset (the baseline's), `presets` (each other preset / the first, same arch) and
     `end_to_end` (the baseline arch's row / the run's first row: NeFeS's design against

@@ -209,8 +209,8 @@ def bench_refine_command(
     throughput_iters: Annotated[Optional[int], typer.Option("--throughput-iters", min=1, help="Feature iterations in the throughput runs (default: the refine config's).")] = None,
     throughput_polish: Annotated[bool, typer.Option("--throughput-polish/--throughput-no-polish", help="Include the photometric polish in the throughput runs.")] = True,
     breakdown_iters: Annotated[int, typer.Option("--breakdown-iters", min=1, help="Iterations timed for the per-iteration breakdown.")] = 10,
-    presets: Annotated[str, typer.Option("--presets", help="Refinement presets measured side by side on the run, comma separated (the first is the reference of the ratios).")] = "default,direct",
-    baseline_preset: Annotated[str, typer.Option("--baseline-preset", help="The preset of the --baseline run's row.")] = "default",
+    presets: Annotated[str, typer.Option("--presets", help="Refinement presets measured side by side on the run, comma separated (the first is the reference of the ratios).")] = "default,nefes",
+    baseline_preset: Annotated[str, typer.Option("--baseline-preset", help="The preset of the --baseline run's row (nefes: NeFeS's pipeline).")] = "nefes",
     config: ConfigOpt = "{}",
     json_out: JsonOpt = None,
     format: FormatOpt = None,
@@ -222,7 +222,7 @@ def bench_refine_command(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Per-query latency (p50/p95/p99), per-iteration breakdown, batched throughput and accuracy
-    after refinement, for each --presets on the run (default: default and direct, side by side
+    after refinement, for each --presets on the run (default: default and nefes, side by side
     in one run) and, with --baseline, the other arch's run with --baseline-preset.
 
     --config takes RefineConfig overrides applied to every row, e.g. '{"polish_iters": 0}'.

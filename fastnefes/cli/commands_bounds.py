@@ -21,7 +21,7 @@ def bounds_command(
     split: SplitOpt = "test",
     queries: Annotated[int, typer.Option("--queries", min=1, help="Test images used per perturbation magnitude.")] = 8,
     signals: Annotated[str, typer.Option("--signals", help="Comma-separated: features, rgb.")] = "features,rgb",
-    preset: Annotated[str, typer.Option("--preset", help="refine's preset the sweep runs (default, fast, lm or direct); the options below win over it.")] = "default",
+    preset: Annotated[str, typer.Option("--preset", help="refine's preset the sweep runs (default = direct, nefes, fast or lm); the options below win over it.")] = "default",
     iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Main-phase iterations (default: refine's).")] = None,
     polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Photometric polish iterations per level (default: refine's; 0 compares the signals alone).")] = None,
     search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the main phase, for every signal (default: refine's; 0 compares the local optimisers alone).")] = None,

@@ -53,21 +53,21 @@ def refine_command(
     split: SplitOpt = "test",
     target: Annotated[str, typer.Option("--target", help="pose: optimise an SE(3) increment; apr: a per-query copy of the APR's weights.")] = "pose",
     apr: Annotated[Optional[Path], typer.Option("--apr", help="APR directory (fastnefes apr train), for --target apr.")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="default (150 Adam iterations on the features, 3-level RGB polish), fast (50 iterations, 2-level polish of 10) lm (Levenberg-Marquardt on the features, surface-band sampling) or direct (direct alignment against a few rendered keyframes); see docs/refinement.md.")] = "default",
+    preset: Annotated[Optional[str], typer.Option("--preset", help="default (= direct: direct alignment against a few rendered keyframes, 4-level RGB polish), nefes (NeFeS: 150 Adam iterations on the features, 3-level RGB polish; the default for --target apr), fast (nefes with 50 iterations) or lm (Levenberg-Marquardt on the features); see docs/refinement.md.")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON object of RefineConfig fields over the preset; the options below win over it.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Feature-phase optimiser: lm (Levenberg-Marquardt), direct (direct alignment against rendered keyframes) or adam (NeFeS).", rich_help_panel="Expert refinement settings")] = None,
-    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase renders per query at most, coarse ones included (default 150, fast 50, lm 30).", rich_help_panel="Expert refinement settings")] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", min=1, help="Feature-phase renders per query at most, coarse ones included (default 8 keyframes; nefes 150, fast 50, lm 30).", rich_help_panel="Expert refinement settings")] = None,
     band_samples: Annotated[Optional[int], typer.Option("--band-samples", min=0, help="Surface-guided sampling: samples per ray around the surface a phase's first render found (fast: 8; 0 = a full march at every render).", rich_help_panel="Expert refinement settings")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Queries refined together in one batched render.")] = 8,
     loss: Annotated[Optional[str], typer.Option("--loss", help="cosine (default) | robust", rich_help_panel="Expert refinement settings")] = None,
     signal: Annotated[Optional[str], typer.Option("--signal", help="features (default) | rgb (photometric, iNeRF-style)", rich_help_panel="Expert refinement settings")] = None,
-    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Levenberg-Marquardt photometric iterations per pyramid level after the feature phase (default 20; 0 = none).", rich_help_panel="Expert refinement settings")] = None,
-    polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 2; the level before it uses twice that).", rich_help_panel="Expert refinement settings")] = None,
+    polish_iters: Annotated[Optional[int], typer.Option("--polish-iters", min=0, help="Photometric polish iterations per pyramid level after the feature phase (default 6 keyframe renders; nefes 20 Levenberg-Marquardt iterations; 0 = none).", rich_help_panel="Expert refinement settings")] = None,
+    polish_stride: Annotated[Optional[int], typer.Option("--polish-stride", min=1, help="Image pixels per rendered pixel at the finest polish level (default 1, nefes 2; the level before it uses twice that).", rich_help_panel="Expert refinement settings")] = None,
     search_pad: Annotated[Optional[float], typer.Option("--search-pad", min=0.0, help="Rotation search before the feature phase: one render widened by this fraction of the view on every side, the camera turned to the best-matching window (default 0.3; 0 = none).", rich_help_panel="Expert refinement settings")] = None,
     second_opinion: Annotated[bool, typer.Option("--second-opinion", help="A query the rotation search turned also runs the feature phase from its initial pose and keeps the run with the lower loss (costs a phase for each such query; default off).", rich_help_panel="Expert refinement settings")] = False,
     match_rounds: Annotated[Optional[int], typer.Option("--match-rounds", min=0, help="Match-then-solve rounds (feature matches + rendered depth -> PnP) before the feature phase (default 0 = none).", rich_help_panel="Expert refinement settings")] = None,
     restarts: Annotated[Optional[int], typer.Option("--restarts", min=0, help="Extra feature-phase runs from the initial pose (no coarse iterations, step sizes halved per restart); each query keeps its lowest-loss run (default 0).", rich_help_panel="Expert refinement settings")] = None,
-    polish_levels: Annotated[Optional[int], typer.Option("--polish-levels", min=1, help="Polish pyramid levels, each at twice the stride of the next, down to --polish-stride (default 3: strides 8, 4, 2).", rich_help_panel="Expert refinement settings")] = None,
+    polish_levels: Annotated[Optional[int], typer.Option("--polish-levels", min=1, help="Polish pyramid levels, each at twice the stride of the next, down to --polish-stride (default 4: strides 8, 4, 2, 1; nefes 3).", rich_help_panel="Expert refinement settings")] = None,
     polish_rays: Annotated[Optional[int], typer.Option("--polish-rays", min=0, help="Rays fitted per query and polish level (default 1200): where a level has more pixels, one per block of the grid, the most textured (0 = every pixel).", rich_help_panel="Expert refinement settings")] = None,
     polish_luma: Annotated[bool, typer.Option("--polish-luma", help="Polish on luma only: one backward pass per iteration instead of three (faster, slightly less precise).", rich_help_panel="Expert refinement settings")] = False,
     device: DeviceOpt = "auto",
@@ -99,7 +99,14 @@ def refine_command(
     from fastnefes.refine.config import checked_config
 
     file_values = json_object_option(str(config_file) if config_file else None, "--config")
+    # The APR target is refined by Adam on the APR's weights: NeFeS's pipeline unless told otherwise.
+    preset = preset or ("nefes" if target == "apr" else "default")
     cfg = checked_config(file_values, str(config_file), base=RefineConfig.preset(preset))  # fails before any loading
+    if method is not None and method not in ("lm", "adam", "direct"):
+        raise FastnefesError(f"--method {method!r}: expected lm, adam or direct")
+    if target == "apr" and (method or cfg.method) != "adam":
+        raise FastnefesError(f"--target apr is refined by Adam on the APR's weights, not method {method or cfg.method!r} "
+                             "(--preset nefes, the default for --target apr)")
     from fastnefes.refine.distributed import refine_split_sharded, start_shard
 
     shard = start_shard(distributed, device)  # None unless under torchrun: then one rank of a sharded run
@@ -116,8 +123,6 @@ def refine_command(
         init_poses = read_poses(init)
     else:  # APR target without an init file: every image of the split; the APR gives the start
         init_poses = {scene.names[i]: np.eye(4) for i in scene.split(split)}
-    if method is not None and method not in ("lm", "adam", "direct"):
-        raise FastnefesError(f"--method {method!r}: expected lm, adam or direct")
     cfg.target = target
     given = {"loss": loss, "signal": signal, "method": method}
     for key, value in given.items():

@@ -18,16 +18,16 @@ class RefineConfig:
     # Jacobians by forward tangents: fastnefes.refine.feature_gauss_newton), "direct" (direct
     # alignment of the query's map against keyframes rendered at the current pose, iters = the
     # keyframe renders: fastnefes.refine.direct_alignment) or "adam" (NeFeS: Adam on the loss's
-    # gradient, with the step sizes below).
-    method: str = "adam"
-    iters: int = 150  # feature-phase renders at most, coarse ones included (NeFeS: 50 Adam iterations)
+    # gradient, with the step sizes below; preset "nefes").
+    method: str = "direct"
+    iters: int = 8  # feature-phase renders at most, coarse ones included (keyframes for "direct"; NeFeS: 50 Adam iterations)
     loss: str = "cosine"  # "cosine" (1 - mean cosine, NeFeS) or "robust" (Cauchy on unit features)
     signal: str = "features"  # "features" (fused feature field) or "rgb" (photometric, iNeRF-style)
     lr_rot: float = 0.01  # radians per Adam step, pose target (NeFeS: about 0.01)
     lr_trans: float = 0.005  # unit-cube units per Adam step (0.005 of the scene cube: 3 cm in a 6 m room)
     lr_apr: float = 1e-4  # Adam step for the APR-weights target
     lr_final_fraction: float = 0.05  # cosine decay of the step sizes to this fraction at the last iteration
-    coarse_iters: int = 40  # first iterations at `coarse_factor` times coarser feature maps
+    coarse_iters: int = 0  # first iterations at `coarse_factor` times coarser feature maps (Adam, LM)
     coarse_factor: int = 2
     # Compare the Feature Fusion module's output (NeFeS; needs every pixel of the map) or, False,
     # the composited features (per ray: then feature_rays can pick a subset).
@@ -46,7 +46,7 @@ class RefineConfig:
     stride: int = 0  # render stride in image pixels; 0 = the encoder's stride (NeFeS: 1/8 of the image)
     # > 0: the feature phase's stride doubles while its map has more pixels than this (a
     # 640x480 frame's 60x80 map becomes 30x40 at 1200); 0 = the stride above.
-    max_feature_pixels: int = 0
+    max_feature_pixels: int = 1200
     tol_rot_deg: float = 0.005  # early stop when a step moves less than this ...
     tol_trans: float = 2e-5  # ... and less than this (unit cube) ...
     patience: int = 3  # ... for this many consecutive iterations
@@ -55,7 +55,7 @@ class RefineConfig:
     # ... and (fastnefes.refine.verify) when the field's colour at the refined pose matches the
     # query's pixels worse (SSIM on the overlap) than at the initial pose; also gives each query
     # a confidence. verify_rays: pixels rendered per query and pose for it (0 = no pixel check).
-    verify_rays: int = 4800
+    verify_rays: int = 1200
     verify_margin: float = 0.0  # SSIM the refined pose must gain over the initial one
     # ... and reach at least this fraction of the field's SSIM on its own training views (where
     # the model carries that reference: fastnefes.refine.verify.calibrate_pixel_check)
@@ -87,12 +87,12 @@ class RefineConfig:
     # Photometric polish: features give the wide basin but pin the pose only to a few cm (their
     # maps are 1/8 resolution and smooth); a final RGB phase at a finer stride, started from the
     # feature result, pins it to millimetres. It is undone for a query whose RGB loss it raised.
-    polish_iters: int = 20  # per pyramid level; 0 = no polish
-    polish_stride: int = 2  # image pixels per rendered pixel in the (last) polish phase
+    polish_iters: int = 6  # per pyramid level (keyframe renders for "direct"); 0 = no polish
+    polish_stride: int = 1  # image pixels per rendered pixel in the (last) polish phase
     # A pyramid: levels at polish_stride * 2^(levels-1), ..., * 2, * 1. The coarsest level widens
-    # RGB's basin: 3 (strides 8, 4, 2) brought the room's seed-1 misses in (93% -> 100%, README).
-    polish_levels: int = 3
-    polish_method: str = "lm"  # "lm" (Levenberg-Marquardt), "direct" (iters = keyframe renders) or "adam"
+    # RGB's basin; the last at every pixel (strides 8, 4, 2, 1) halved lego's median error.
+    polish_levels: int = 4
+    polish_method: str = "direct"  # "direct" (iters = keyframe renders), "lm" (Levenberg-Marquardt) or "adam"
     direct_iters: int = 8  # method "direct": Gauss-Newton iterations per keyframe (no renders)
     polish_lr_fraction: float = 0.3  # Adam polish: step sizes as a fraction of lr_rot / lr_trans
     # Rays fitted per query and polish level: where a level's grid has more pixels, at most this
@@ -101,7 +101,7 @@ class RefineConfig:
     polish_rays: int = 1200
     # A polish that fits a subset of the rays is judged on every pixel of the finest grid, or,
     # > 0, on that grid coarsened (x2 at a time) to at most this many pixels.
-    polish_judge_pixels: int = 0
+    polish_judge_pixels: int = 1200
     polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
     # The polish's Levenberg-Marquardt computes a query's Jacobian at every n-th of its
@@ -132,20 +132,23 @@ class RefineConfig:
 
 
 # Named settings (`fastnefes refine --preset`), RefineConfig fields over the defaults, compared
-# side by side by `fastnefes bench refine --presets default,fast,lm` (docs/refinement.md).
-# default: the defaults above. fast: a third of the feature iterations and a two-level polish of
-# 10 iterations. lm: Levenberg-Marquardt on the feature residual with surface-band sampling
-# (exact Jacobians by forward tangents: on a CPU each render costs several times an Adam one).
-# direct: direct alignment against rendered keyframes, a 4-level polish down to every pixel
-# (strides 8, 4, 2, 1: the last level halved lego's median error and cut the room's by a
-# quarter, at 10-35% more time), the work bounded by pixels instead of image size.
+# side by side by `fastnefes bench refine --presets default,nefes,fast` (docs/refinement.md).
+# default (also named direct): the defaults above, direct alignment against rendered keyframes
+# and a 4-level polish down to every pixel, the work bounded by pixels instead of image size.
+# nefes: NeFeS's pipeline, 150 Adam iterations on the feature loss and a 3-level
+# Levenberg-Marquardt RGB polish at strides 8, 4, 2 (the refine target "apr" runs it: Adam on
+# the APR's weights). fast: nefes with a third of the iterations and a two-level polish of 10.
+# lm: nefes with Levenberg-Marquardt on the feature residual and surface-band sampling (exact
+# Jacobians by forward tangents: on a CPU each render costs several times an Adam one).
+NEFES: dict = {"method": "adam", "iters": 150, "coarse_iters": 40, "max_feature_pixels": 0, "verify_rays": 4800,
+               "polish_method": "lm", "polish_iters": 20, "polish_stride": 2, "polish_levels": 3,
+               "polish_judge_pixels": 0}
 PRESETS: dict[str, dict] = {
     "default": {},
-    "fast": {"iters": 50, "coarse_iters": 15, "polish_iters": 10, "polish_levels": 2},
-    "lm": {"method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
-    "direct": {"method": "direct", "iters": 8, "coarse_iters": 0, "polish_method": "direct", "polish_iters": 6,
-               "polish_levels": 4, "polish_stride": 1, "max_feature_pixels": 1200, "polish_judge_pixels": 1200,
-               "verify_rays": 1200},
+    "direct": {},
+    "nefes": NEFES,
+    "fast": {**NEFES, "iters": 50, "coarse_iters": 15, "polish_iters": 10, "polish_levels": 2},
+    "lm": {**NEFES, "method": "lm", "iters": 30, "coarse_iters": 10, "band_samples": 8, "lm_ftol": 1e-4},
 }
 
 

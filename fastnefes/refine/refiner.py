@@ -203,6 +203,9 @@ class Refiner:
         if self.config.target == "apr":
             if apr is None:
                 raise ValueError("target 'apr' needs an APR")
+            if self.config.method != "adam":  # the APR's weights have no closed-form warp Jacobian
+                raise ValueError(f"target 'apr' is refined by Adam on the APR's weights, not method "
+                                 f"{self.config.method!r}: use RefineConfig.preset('nefes', target='apr')")
             results = [refine_apr_weights(self, images[i : i + 1], K[i : i + 1], apr) for i in range(len(images))]
             result = RefineResult(np.concatenate([r.poses for r in results]), np.concatenate([r.initial for r in results]),
                                   [d for r in results for d in r.diagnostics])
