@@ -2,12 +2,12 @@
 
 Per batch of queries: encode each query image once with the run's 2D encoder G; optionally turn
 each camera to the best window of one widened render (rotation search); then the feature phase
-aligns the field's rendered (fused) features with the query's, by Adam (NeFeS, the default), by
-Levenberg-Marquardt on the feature residual (preset "lm", fastnefes.refine.feature_gauss_newton)
-or by direct alignment against a few rendered keyframes (preset "direct",
-fastnefes.refine.direct_alignment), on an se(3) increment per query (target "pose") or on a
-per-query copy of the APR's weights (target "apr"); a photometric polish (Levenberg-Marquardt on
-RGB, or direct alignment, coarse to fine) pins the pose down.
+aligns the field's rendered (fused) features with the query's, by direct alignment against a few
+rendered keyframes (the default, fastnefes.refine.direct_alignment), by Adam (NeFeS: preset
+"nefes") or by Levenberg-Marquardt on the feature residual (preset "lm",
+fastnefes.refine.feature_gauss_newton), on an se(3) increment per query (target "pose") or, by
+Adam, on a per-query copy of the APR's weights (target "apr"); a photometric polish (direct
+alignment, or Levenberg-Marquardt on RGB, coarse to fine) pins the pose down.
 Renders after a phase's first may sample a thin band around the surface that render found
 (fastnefes.refine.surface). A verification step keeps the initial pose when the feature phase did
 not lower the feature loss (the polish is guarded by its own loss).
