@@ -48,7 +48,7 @@ TRACK_FRAME: dict = {
     "polish_stride": 2,  # keyframe pixels on the half-resolution grid
     "polish_rays": 1200,  # the most textured pixel of each block of that grid
     "polish_judge_pixels": 1200,  # the judge on the 1200-pixel grid the pixel check renders (shared)
-    "verify_rays": 1200,  # the pixel check on a quarter of refine's pixels: it would cost more than the polish
+    "verify_rays": 1200,  # the pixel check on the judge's grid (one render per pose for both)
 }
 # A segment's first frame: refine's defaults.
 TRACK_START: dict = {}
