@@ -69,8 +69,10 @@ def test_run_remembers_its_data_options(monkeypatch, capsys, tmp_path, jpg_7scen
     run = tmp_path / "run"
     code, out, err = run_main(monkeypatch, capsys, "train", str(root), "--out", str(run), "--steps", "3",
                               "--device", "cpu", "--feature-dim", "4", "--max-side", "24",
-                              "--sfm-poses", str(root / "pgt_train.txt"), "--sfm-poses", str(root / "pgt_test.txt"))
+                              "--sfm-poses", str(root / "pgt_train.txt"), "--sfm-poses", str(root / "pgt_test.txt"),
+                              "--space", "contracted")
     assert code == 0, out + err
+    assert "contracted space" in " ".join(out.split())  # the space the model uses, whatever the data suggested
     record = json.loads((run / "config.json").read_text())["data"]
     assert record["sfm_poses"] == ["pgt_train.txt", "pgt_test.txt"]  # relative to the data folder
     assert record["max_side"] == 24 and record["format"] == "7scenes"
