@@ -15,7 +15,7 @@ from fastnefes.cli.options import DeviceOpt, DownscaleOpt, FocalOpt, FormatOpt, 
 from fastnefes.errors import FastnefesError
 
 SettingsOpt = Annotated[Optional[str], typer.Option(
-    "--settings", help="Refinement settings as JSON text or a .json file, e.g. '{\"iters\": 50}' (the names of "
+    "--settings", help="Refinement settings as JSON text or a .json file, e.g. '{\"polish_levels\": 3}' (the names of "
                        "fastnefes.refine.RefineConfig that a request may set; GET /info lists them).")]
 
 
