@@ -147,7 +147,7 @@ def render_keyframe(model, K: Tensor, c2w: Tensor, pixels: Tensor, stack: Tensor
     B = c2w.shape[0]
     with torch.no_grad():
         if signal == "rgb":
-            out = render_pixels(model, K, c2w, pixels[:, :, None, :], fused=False)
+            out = render_pixels(model, K, c2w, pixels[:, :, None, :], fused=False, with_features=False)
             values = out["rgb"][:, :, 0]
         else:
             h, w = height // stride, width // stride
