@@ -155,17 +155,10 @@ def test_cli_train_reports_its_keypoint_depths(monkeypatch, capsys, tmp_path, da
 def test_cli_train_and_render(monkeypatch, capsys, tmp_path, dataset_on_disk):
     code, text = run_cli(monkeypatch, capsys, "train", dataset_on_disk, "--out", tmp_path / "run", "--steps", 6,
                          "--device", "cpu", "--feature-dim", 8, "--depth-weight", 0.5, "--distortion-weight", 0.1,
-                         "--keypoint-depth-weight", 0.3, "--camera-lr", 1e-3)
+                         "--keypoint-depth-weight", 0.3)
     assert code == 0, text
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["depth_weight"] == 0.5 and saved["distortion_weight"] == 0.1 and saved["keypoint_depth_weight"] == 0.3
-    # The training cameras' corrections are trained with the field and kept with its weights.
-    assert saved["camera_lr"] == 1e-3 and saved["model"]["camera_correction"] is True
-    assert "camera corrections: median" in " ".join(text.split())
-    from fastnefes.train.run import load_run
-
-    model, _ = load_run(tmp_path / "run", "cpu")
-    assert model.camera_delta.shape == (model.config.n_images, 6) and model.camera_delta.abs().max() > 0
     assert "val PSNR" in text and "fusion" in text
     code, text = run_cli(monkeypatch, capsys, "render", tmp_path / "run", "--data", dataset_on_disk, "--out", tmp_path / "vis",
                          "--split", "test", "--limit", 2)

@@ -60,7 +60,6 @@ def train_field_command(
     depth_weight: Annotated[Optional[float], typer.Option("--depth-weight", min=0.0, help="Supervise rendered depth with the data's depth maps at this weight (needs depth registered to the images).", rich_help_panel=EXPERT)] = None,
     distortion_weight: Annotated[Optional[float], typer.Option("--distortion-weight", min=0.0, help="mip-NeRF 360's distortion loss at this weight (gathers each ray's weight at one surface; 0.1 raised the fox's held-out PSNR, see docs/benchmarks.md).", rich_help_panel=EXPERT)] = None,
     keypoint_depth_weight: Annotated[Optional[float], typer.Option("--keypoint-depth-weight", min=0.0, help="Supervise rendered depth at the training images' own triangulated keypoints at this weight (sparse depth, DS-NeRF; for data without depth maps).", rich_help_panel=EXPERT)] = None,
-    camera_lr: Annotated[Optional[float], typer.Option("--camera-lr", min=0.0, help="Correct each training image's pose with a learned SE(3) increment at this Adam step (radians, unit-cube units; e.g. 1e-3), for estimated poses (COLMAP, phone captures); 0 = poses as given.", rich_help_panel=EXPERT)] = None,
     grid_from_pixels: Annotated[bool, typer.Option("--grid-from-pixels", help="Size the hash grid's finest level to a pixel's footprint at the cameras' typical distance (raises per_level_scale, at most 2; for photographs larger than the grid resolves).", rich_help_panel=EXPERT)] = False,
     space: Annotated[Optional[str], typer.Option("--space", help="Scene parametrisation: auto (chosen from the data), bounded (the content's box) or contracted (a foreground box and the unbounded space around it).", rich_help_panel=EXPERT)] = None,
 ) -> None:
@@ -87,8 +86,7 @@ def train_field_command(
 
     overrides = json_object_option(str(config_file) if config_file else None, "--config", "TrainConfig fields")
     given = {key: value for key, value in (("depth_weight", depth_weight), ("distortion_weight", distortion_weight),
-                                           ("keypoint_depth_weight", keypoint_depth_weight),
-                                           ("camera_lr", camera_lr)) if value is not None}
+                                           ("keypoint_depth_weight", keypoint_depth_weight)) if value is not None}
     config = train_config(arch, preset, overrides, where=str(config_file or "train config"), seed=seed,
                           device=str(torch_device), **given)
     scene = data_options.load(data)
@@ -128,7 +126,7 @@ def train_field_command(
             info = f"step {event['step']}  loss {event.get('loss', float('nan')):.4f}  PSNR {event.get('psnr', float('nan')):.2f}{last_val['text']}  {rays}"
             bar.update(task, completed=event["fraction"], description=STAGES[event["stage"]], info=info)
 
-        model, metrics = train(scene, config, out, resume=resume, extractor=extractor_module, extractor_path=extractor_path,
+        _, metrics = train(scene, config, out, resume=resume, extractor=extractor_module, extractor_path=extractor_path,
                            progress=on_event, data_options=data_options, budget_start=started)
         bar.update(task, completed=1.0)
     console.print(_end_table(metrics))
@@ -147,12 +145,6 @@ def train_field_command(
     if saved.supervises_keypoint_depth:
         console.print(f"keypoint depth: {metrics.get('keypoint_depths', 0)} triangulated keypoints supervised"
                       + (" (none found: no depth supervision)" if not metrics.get("keypoint_depths") else ""))
-    if model.camera_delta is not None:
-        from fastnefes.train.cameras import correction_magnitudes
-
-        rot_deg, trans = correction_magnitudes(model.camera_delta.detach(), model.normalization.scale)
-        console.print(f"camera corrections: median {rot_deg.median():.3f} deg / {trans.median():.4g} units, "
-                      f"largest {rot_deg.max():.3f} deg / {trans.max():.4g} units")
     console.print(f"run written to {out}")
 
 

@@ -101,10 +101,7 @@ class ModelConfig:
     alpha_thre: float = 0.0
     early_stop_eps: float = 1e-4
     background: str = "learned"
-    n_images: int = 1  # training images (transient embeddings, camera corrections)
-    # A learned SE(3) correction of each training image's pose (TrainConfig.camera_lr), kept with
-    # the weights: rotation (radians) and translation (unit cube) in the camera's own frame.
-    camera_correction: bool = False
+    n_images: int = 1  # training images (transient embeddings)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -191,7 +188,6 @@ class FeatureFieldModel(nn.Module):
                 raise FastnefesError("distill mode needs a TorchScript extractor (--extractor PATH.pt)")
             self.encoder = DistillEncoder(extractor, config.feature_dim, config.encoder_stride)
         self.occupancy = OccupancyGrid((0, 0, 0, 1, 1, 1), config.occ_resolution, config.occ_levels)
-        self.camera_delta = nn.Parameter(torch.zeros(config.n_images, 6)) if config.camera_correction else None
         self.background_logit = nn.Parameter(torch.zeros(3), requires_grad=config.background == "learned")
         if config.background != "learned":
             with torch.no_grad():

@@ -65,9 +65,6 @@ class TrainConfig:
     lr_encoder: float = 3e-3
     lr_fusion: float = 1e-3
     lr_act: float = 1e-3
-    # > 0: each training image's pose is corrected by a learned SE(3) increment at this Adam step
-    # (radians, unit-cube units), for captures whose poses are estimates (COLMAP, phone SLAM).
-    camera_lr: float = 0.0
     lr_decay: float = 0.1
     weight_decay_mlp: float = 1e-6
     # Loss weights.
@@ -112,13 +109,11 @@ class TrainConfig:
             raise FastnefesError(f"train config: stage_fractions={self.stage_fractions}, expected three non-negative numbers")
         if self.minutes is None and not (isinstance(self.steps, int) and self.steps >= 1):
             raise FastnefesError(f"train config: steps={self.steps!r}, expected a positive integer")
-        for name in ("depth_weight", "distortion_weight", "keypoint_depth_weight", "camera_lr"):
+        for name in ("depth_weight", "distortion_weight", "keypoint_depth_weight"):
             if not getattr(self, name) >= 0:
                 raise FastnefesError(f"train config: {name}={getattr(self, name)!r}, expected a number >= 0")
         if not 0 < self.keypoint_ray_fraction < 1:
             raise FastnefesError(f"train config: keypoint_ray_fraction={self.keypoint_ray_fraction!r}, expected a number in (0, 1)")
-        if self.camera_lr > 0:
-            self.model.camera_correction = True
         if self.minutes is not None and not self.minutes > 0:
             raise FastnefesError(f"train config: minutes={self.minutes!r}, expected a positive number")
 

@@ -30,7 +30,6 @@ from fastnefes.field.encoder import sample_feature_map
 from fastnefes.field.model import FeatureFieldModel
 from fastnefes.render import render_image, render_pixels, render_rays
 from fastnefes.ops.occgrid.culling import CULL_COST
-from fastnefes.train.cameras import corrected_poses, corrected_rays
 from fastnefes.train.config import STAGES, TrainConfig
 from fastnefes.train.losses import (contrastive_loss, depth_loss, distill_loss, photometric_loss, psnr,
                                     variance_covariance_loss)
@@ -43,7 +42,7 @@ class TrainingDiverged(FastnefesError):
 
 # Parameter groups: (name, first stage index where it trains, learning-rate field of TrainConfig).
 GROUPS = (("grid", 0, "lr_grid"), ("mlp", 0, "lr_mlp"), ("act", 0, "lr_act"), ("feature", 1, "lr_feature"),
-          ("encoder", 1, "lr_encoder"), ("fusion", 2, "lr_fusion"), ("camera", 0, "camera_lr"))
+          ("encoder", 1, "lr_encoder"), ("fusion", 2, "lr_fusion"))
 
 
 def parameter_groups(model: FeatureFieldModel) -> dict[str, list[torch.nn.Parameter]]:
@@ -58,7 +57,6 @@ def parameter_groups(model: FeatureFieldModel) -> dict[str, list[torch.nn.Parame
         "feature": list(model.feature.parameters()),
         "encoder": [p for p in model.encoder.parameters() if p.requires_grad],
         "fusion": list(model.fusion.parameters()),
-        "camera": [model.camera_delta] if model.camera_delta is not None else [],
     }
     return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 
@@ -188,10 +186,6 @@ class Trainer:
     def _photometric(self, n_rays: int, image_ids: Optional[Tensor] = None, with_features: bool = False):
         batch = self.sampler.rays(n_rays, image_ids, self.cfg.keypoint_ray_fraction)
         hist = self.images.histograms[batch.image_ids]
-        if self.model.camera_delta is not None:  # the training cameras' learned corrections
-            origins, dirs = corrected_rays(batch.origins, batch.dirs, self.images.c2w[batch.image_ids],
-                                           self.model.camera_delta[batch.image_ids], self.model.normalization.scale)
-            batch = batch._replace(origins=origins, dirs=dirs)
         out = render_rays(self.model, batch.origins, batch.dirs, image_ids=batch.image_ids, act_histograms=hist,
                           with_features=with_features, training=True, with_distortion=self.cfg.distortion_weight > 0)
         loss = photometric_loss(out["rgb_train"], batch.rgb, out.get("beta"), out.get("transient_density"),
@@ -247,8 +241,6 @@ class Trainer:
             maps = model.encode_images(self.images.stack(ids)).repeat_interleave(per, 0)
         pixels = self.sampler.patches(ids, per, cfg.patch_size, stride)
         c2w = self.images.c2w[ids]
-        if model.camera_delta is not None:
-            c2w = corrected_poses(c2w, model.camera_delta[ids], model.normalization.scale)
         jittered = self.sampler.jitter(c2w, cfg.jitter_rot_deg, cfg.jitter_trans / float(model.normalization.scale))
         c2w, jittered = c2w.repeat_interleave(per, 0), jittered.repeat_interleave(per, 0)
         K = self.images.K[ids].repeat_interleave(per, 0)
