@@ -13,7 +13,6 @@ import torch
 
 from fastnefes.geometry import perturb_poses, pose_errors, read_poses, write_poses
 from fastnefes.refine import RefineConfig, Refiner
-from fastnefes.refine.config import NEFES
 from fastnefes.refine.losses import feature_metric_loss
 from fastnefes.refine.optim import BatchedAdam
 
@@ -121,8 +120,8 @@ def test_verification_judges_the_polish_by_its_own_loss(tiny_run, tiny_scene, mo
     _, model = tiny_run
     images, K, gt = query_views(tiny_scene, 2)
     init = perturb_poses(gt, 3.0, 0.05, seed=4)
-    base = dict(NEFES, iters=4, coarse_iters=0, search_pad=0.0)  # Adam, then a Levenberg-Marquardt polish
-    plain = Refiner(model, RefineConfig(**{**base, "polish_iters": 0})).refine(images, K, init)
+    base = dict(iters=4, coarse_iters=0, search_pad=0.0)  # nefes: Adam, then a Levenberg-Marquardt polish
+    plain = Refiner(model, RefineConfig.preset("nefes", **base, polish_iters=0)).refine(images, K, init)
     shift = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])  # half a metre along the camera's x axis
 
     def far_polish(model, K, init, target, height, width, stride, iters, delta, failed, counts, *rest, **kw):
@@ -132,8 +131,8 @@ def test_verification_judges_the_polish_by_its_own_loss(tiny_run, tiny_scene, mo
     monkeypatch.setattr(refiner_module, "levenberg_marquardt_phase", far_polish)
     # polish_rays 0: the polish fits every pixel (a subset is judged on all: test_polish).
     polish = dict(base, polish_iters=1, polish_levels=1, polish_rays=0)
-    res = Refiner(model, RefineConfig(**{**polish, "verify_rays": 0})).refine(images, K, init)  # losses only
-    checked = Refiner(model, RefineConfig(**polish)).refine(images, K, init)  # and the query's pixels
+    res = Refiner(model, RefineConfig.preset("nefes", **polish, verify_rays=0)).refine(images, K, init)  # losses only
+    checked = Refiner(model, RefineConfig.preset("nefes", **polish)).refine(images, K, init)  # and the query's pixels
     for i, d in enumerate(res.diagnostics):
         # the pixels see what the losses cannot: the far pose matches the query worse
         assert checked.diagnostics[i].status == "kept_initial" and checked.diagnostics[i].rejected_by_pixels
