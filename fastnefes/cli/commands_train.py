@@ -136,8 +136,8 @@ def train_field_command(
 
     saved, norm, _ = read_config(out)
     finest = HashGridConfig.from_dict(saved.model.grid).levels()[-1].resolution
-    # The model's space: the data's choice (norm.space) unless --space or --config overrode it.
-    space = saved.model.space if saved.model.space != "auto" else norm.space
+    # The saved space is resolved (ModelConfig.resolve_space): the data's choice unless --space overrode it.
+    space = saved.model.space
     chosen = "" if space == norm.space else f" (the data suggested {norm.space})"
     console.print(f"scene box from {norm.source}, {space} space{chosen} ({1 / norm.scale:.3g} units across); "
                   f"finest grid level {finest} cells across; "
