@@ -8,7 +8,7 @@
 Tracks the split from its first frame's ground-truth pose (optionally moved by --start-trans in
 the scene's units and turned by --start-rot degrees, a different random perturbation for each
 repeat) once per setting and repeat, settings interleaved, each a RefineConfig override over the
-tracking default (TRACK_FRAME). Writes, per setting, the tracked frames' latency p50/p95
+tracking default (TRACK_FRAME), except "max_coast" and "exposure_stride", the Tracker's own options. Writes, per setting, the tracked frames' latency p50/p95
 (segment starts excluded; medians over repeats), the median and max translation / rotation
 error over all frames, the share of frames within 2 cm / 0.5 deg (scene units read as metres),
 each repeat's median and largest errors and the status counts, plus the machine, as JSON.
@@ -56,7 +56,10 @@ def main() -> None:
     gt = {n: scene.c2w[i] for n, i in zip(names, scene.split(args.split))}
     first = tracking_segments(names, set(names), args.split, "ground truth")[0].names[0]
     start_cfg = refine_config({**TRACK_START, **json.loads(args.start_config)}, "--start-config")
-    configs = {k: refine_config({**TRACK_FRAME, **v}, f"--configs {k}") for k, v in json.loads(args.configs).items()}
+    settings = json.loads(args.configs)
+    # "max_coast" and "exposure_stride" in a setting are the Tracker's, the other keys RefineConfig's.
+    tracker = {k: {o: v.pop(o) for o in ("max_coast", "exposure_stride") if o in v} for k, v in settings.items()}
+    configs = {k: refine_config({**TRACK_FRAME, **v}, f"--configs {k}") for k, v in settings.items()}
 
     runs: dict[str, list] = {k: [] for k in configs}
     for rep in range(args.repeats):
@@ -64,7 +67,7 @@ def main() -> None:
         # setting): the repeats sample how the errors depend on where tracking starts.
         start = perturb_poses(gt[first][None], args.start_rot, args.start_trans, seed=rep)[0]
         for name, cfg in configs.items():
-            traj = track_split(model, scene, args.split, {first: start}, cfg, start_cfg)
+            traj = track_split(model, scene, args.split, {first: start}, cfg, start_cfg, tracker_options=tracker[name])
             t, r = pose_errors(np.stack([f.pose for f in traj.frames]), np.stack([gt[f.name] for f in traj.frames]))
             runs[name].append({"latency_ms": traj.latency_ms(), "trans": t, "rot": r, "status": traj.status_counts()})
             lat = traj.latency_ms()
@@ -76,7 +79,7 @@ def main() -> None:
         t = np.concatenate([x["trans"] for x in rs])
         r = np.concatenate([x["rot"] for x in rs])
         results[name] = {
-            "config": configs[name].to_dict(),
+            "config": configs[name].to_dict(), "tracker": tracker[name],
             "latency_ms_p50": float(np.median([x["latency_ms"]["p50"] for x in rs])),
             "latency_ms_p95": float(np.median([x["latency_ms"]["p95"] for x in rs])),
             "max_trans": float(t.max()), "max_rot_deg": float(r.max()),

@@ -121,3 +121,32 @@ def test_direct_preset_refines_the_tiny_field(tiny_run, tiny_scene, seed):
     assert np.all(t1 <= t0 + 1e-9) and np.all(r1 <= r0 + 1e-9)
     assert np.median(t1[refined]) < 0.3 * np.median(t0) and np.median(r1[refined]) < 0.15 * np.median(r0), (t1, r1)
     assert max(d.iterations for d in result.diagnostics) <= cfg.iters + cfg.polish_iters * cfg.polish_levels
+
+
+@pytest.mark.parametrize("judge", ["grid", "keyframes"])
+def test_a_polish_whose_keyframes_never_beat_the_start_returns_it_flagged(tiny_run, tiny_scene, monkeypatch, judge):
+    """Constructed: every keyframe after a query's first renders a higher loss than its first. A
+    polish-only refinement (tracking's kind) then returns the start itself, bit for bit, flagged
+    kept_initial, whichever judge it has; with polish_judge "keyframes" nothing else renders to
+    judge it."""
+    import fastnefes.refine.direct_alignment as direct_module
+    from fastnefes.refine.track import TRACK_FRAME, refine_config
+
+    _, model = tiny_run
+    _, K, gt = query_views(tiny_scene, 2)
+    images = field_views(model, K, gt, tiny_scene.hw[0])
+    init = perturb_poses(gt, 1.0, 0.01, seed=3)
+    render_keyframe, renders = direct_module.render_keyframe, []
+
+    def worse_after_the_first(*args, **kw):
+        out = render_keyframe(*args, **kw)
+        renders.append(1)
+        return (*out[:4], out[4] + (1.0 if len(renders) > 1 else 0.0))
+
+    monkeypatch.setattr(direct_module, "render_keyframe", worse_after_the_first)
+    cfg = refine_config({**TRACK_FRAME, "polish_stride": 1, "polish_judge": judge})
+    for i in range(len(gt)):
+        renders.clear()
+        result = Refiner(model, cfg).refine(images[i : i + 1], K[i : i + 1], init[i : i + 1])
+        assert result.diagnostics[0].status == "kept_initial" and len(renders) >= 2
+        assert np.array_equal(result.poses[0], init[i].astype(np.float32).astype(np.float64))  # refine's float32 start

@@ -119,7 +119,9 @@ def test_verification_judges_the_polish_by_its_own_loss(tiny_run, tiny_scene, mo
 
     _, model = tiny_run
     images, K, gt = query_views(tiny_scene, 2)
-    init = perturb_poses(gt, 3.0, 0.05, seed=4)
+    # Starts from which four Adam iterations help both queries (asserted below: the case needs
+    # a feature phase that helped; from others the tiny field's features do not help).
+    init = perturb_poses(gt, 3.0, 0.05, seed=7)
     base = dict(iters=4, coarse_iters=0, search_pad=0.0)  # nefes: Adam, then a Levenberg-Marquardt polish
     plain = Refiner(model, RefineConfig.preset("nefes", **base, polish_iters=0)).refine(images, K, init)
     shift = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.0])  # half a metre along the camera's x axis

@@ -60,7 +60,7 @@ def _scripted_tracker(statuses: list[str], truth: np.ndarray, window: int):
     from fastnefes.refine.result import QueryDiagnostics, RefineResult
     from fastnefes.refine.track import Tracker
 
-    tracker = Tracker(torch.nn.Linear(1, 1), exposure_stride=0, velocity_window=window)
+    tracker = Tracker(torch.nn.Linear(1, 1), exposure_stride=0, velocity_window=window, max_coast=2)
     starts = []
 
     def refine(images, K, init_c2w):
@@ -75,25 +75,30 @@ def _scripted_tracker(statuses: list[str], truth: np.ndarray, window: int):
 
 
 @pytest.mark.parametrize("window", [1, 3])
-def test_constant_velocity_from_accepted_frames_and_zero_after_a_flagged_one(window):
+def test_constant_velocity_coasts_over_kept_predictions_and_stops_after_failures(window):
     step = se3_exp(np.array([0.004, -0.002, 0.006, 0.003, 0.001, -0.002]))  # camera-frame motion per frame
+    statuses = ["converged", "max_iters", "converged", "converged", "kept_initial", "converged", "converged",
+                "kept_initial", "kept_initial", "kept_initial", "converged", "converged", "failed", "converged",
+                "converged", "converged"]
     truth = [se3_exp(np.array([0.1, 0.2, -0.3, 1.0, 2.0, 0.5]))]
-    for _ in range(7):
+    for _ in statuses[1:]:
         truth.append(truth[-1] @ step)
     truth = np.stack(truth)
-    statuses = ["converged", "max_iters", "converged", "converged", "kept_initial", "converged", "converged", "converged"]
     tracker, starts = _scripted_tracker(statuses, truth, window)
     tracker.start(truth[0])
     image, K = np.zeros((4, 4, 3), np.uint8), np.eye(3)
     motions = [tracker.track(image, K).motion for _ in truth]
-    assert motions == ["init", "zero_velocity", "constant_velocity", "constant_velocity", "constant_velocity",
-                       "zero_velocity", "zero_velocity", "constant_velocity"]
-    # Constant velocity predicts the true pose exactly; zero velocity starts from the last pose.
-    for k in (2, 3, 4, 7):
-        assert np.allclose(starts[k], truth[k], atol=1e-9)
-    assert np.allclose(starts[1], truth[0]) and np.allclose(starts[6], truth[5])
-    # The frame after the flagged one starts from the flagged frame's pose (its prediction).
-    assert np.allclose(starts[5], starts[4])
+    # The velocity needs two accepted frames within the window; it is carried over at most two
+    # kept predictions in a row (frames 4, 7 and 8), not over a third (9) nor a failure (12).
+    assert motions[:6] == ["init", "zero_velocity"] + ["constant_velocity"] * 4
+    assert motions[6] == ("zero_velocity" if window == 1 else "constant_velocity")  # frame 4's gap
+    assert motions[7:] == ["constant_velocity"] * 3 + ["zero_velocity"] * 2 + ["constant_velocity"] + ["zero_velocity"] * 2 \
+        + ["constant_velocity"]
+    # Constant velocity predicts the true pose exactly, across the kept frames too; zero velocity
+    # starts from the last pose (a kept or failed frame's is its prediction).
+    for k, motion in enumerate(motions[1:], 1):
+        expected = truth[k] if motion == "constant_velocity" else starts[k - 1] if statuses[k - 1] not in ("converged", "max_iters") else truth[k - 1]
+        assert np.allclose(starts[k], expected, atol=1e-9), k
 
 
 def test_refine_config_checks_fields_types_and_values():
@@ -165,7 +170,7 @@ def test_track_cli_writes_trajectory_and_refuses_bad_input(tiny_run, tiny_sequen
     assert list(read_poses(out)) == test
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["frame_config"]["polish_iters"] == 3 and report["frame_config"]["search_pad"] == 0
-    assert report["start_config"]["iters"] == 40
+    assert report["start_config"]["iters"] == 40 and report["frame_config"]["polish_judge"] == "keyframes"
     assert len(report["frames"]) == len(test) and {"p50", "p95"} <= set(report["latency_ms"])
     assert {"status", "latency_ms", "trans_err", "rot_err_deg", "motion"} <= set(report["frames"][1])
     assert report["evaluation"]["after"]["max_trans"] == max(f["trans_err"] for f in report["frames"])

@@ -102,6 +102,11 @@ class RefineConfig:
     # A polish that fits a subset of the rays is judged on every pixel of the finest grid, or,
     # > 0, on that grid coarsened (x2 at a time) to at most this many pixels.
     polish_judge_pixels: int = 1200
+    # "grid": the judge above. "keyframes": a direct polish is judged by its own keyframe renders
+    # (each level keeps the keyframe whose rendered loss on its pixels is lowest, its starting
+    # pose among them), with no renders of its own; without a first phase a query then comes
+    # back at its start, flagged kept_initial, exactly where no keyframe beat the start.
+    polish_judge: str = "grid"
     polish_luma: bool = False  # fit luma only: one backward pass per polish iteration instead of three
     lm_damping: float = 1e-2  # initial Levenberg-Marquardt damping (relative to diag(J^T J))
     # The polish's Levenberg-Marquardt computes a query's Jacobian at every n-th of its
@@ -153,7 +158,7 @@ PRESETS: dict[str, dict] = {
 
 
 _CHOICES = {"target": ("pose", "apr"), "method": ("adam", "lm", "direct"), "loss": ("cosine", "robust"),
-            "signal": ("features", "rgb"), "polish_method": ("lm", "adam", "direct")}
+            "signal": ("features", "rgb"), "polish_method": ("lm", "adam", "direct"), "polish_judge": ("grid", "keyframes")}
 _AT_LEAST_ONE = {"coarse_factor", "patience", "check_every", "polish_levels", "polish_stride", "search_roll_steps",
                  "search_candidates"}
 

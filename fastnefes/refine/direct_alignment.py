@@ -258,6 +258,7 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
     converged = torch.zeros(B, dtype=torch.bool)
     halvings = torch.zeros(B, dtype=torch.long)
     radius = torch.ones(B, device=dev)  # a keyframe's solve moves at most max_step * radius
+    moved_on = torch.zeros(B, dtype=torch.bool, device=dev)  # the best keyframe is not the first
     for n in range(renders):
         rows = active.nonzero()[:, 0]
         if rows.numel() == 0:
@@ -270,6 +271,7 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         better = (loss < best_loss[rd]).cpu() & ~bad
         keep = rows[better]
         best_pose[keep.to(dev)], best_loss[keep.to(dev)] = current[keep.to(dev)], loss[better.to(dev)]
+        moved_on[keep.to(dev)] = n > 0
         stop = ~better | bad
         if n == renders - 1:
             break
@@ -301,7 +303,8 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         active[rows[bad | (halvings[rows] > max_halvings)]] = False
         if progress:
             progress(int((~active).sum()))
-    done = torch.isfinite(best_loss)
+    # A query whose best keyframe was its first keeps its incoming increment exactly.
+    done = torch.isfinite(best_loss) & moved_on
     if bool(done.any()):
         delta[done] = se3_log(torch.linalg.inv(init[done]) @ best_pose[done])
     return converged

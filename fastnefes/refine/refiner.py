@@ -251,7 +251,13 @@ class Refiner:
             # against the initial pose here, a polish phase by its RGB loss (it only keeps steps
             # that lower it). Judging the polished pose by the feature loss would undo a polish
             # that pinned the pose where a weak field's features are a little worse.
-            keep |= (judged if judged is not None else final_loss) >= initial_loss
+            if phases[0].iters == 0 and len(phases) > 1:
+                # No first phase: the polish is the refinement, and it judged itself (it undoes,
+                # or never takes, what did not lower its loss), so it is kept unless it came
+                # back at its start.
+                keep |= (delta == 0).all(1)
+            else:
+                keep |= (judged if judged is not None else final_loss) >= initial_loss
         out = torch.where(keep[:, None, None], init, final).double().cpu().numpy()
         wall = (time.perf_counter() - t0) / B
         diags = []
@@ -292,17 +298,18 @@ class Refiner:
         query whose loss it did not lower, an LM phase keeps only such steps, and LM phases that
         fit a subset of the rays (polish_rays) are judged together on every pixel of the finest
         grid, since lowering the subset's loss can raise the other pixels'. Direct phases are
-        always judged together: each keeps its own level's best keyframe, and a coarse level's
-        best can be a finer level's worse."""
+        judged together on that grid too (each keeps its own level's best keyframe, and a coarse
+        level's best can be a finer level's worse), unless polish_judge is "keyframes": then each
+        level's keyframe renders are its only judge (no renders for judging)."""
         cfg = self.config
         fine = phases[-1].stride
         finest = self.encode_queries(images, "rgb", fine)
-        subset = (cfg.polish_method == "direct"
-                  or (cfg.polish_method == "lm" and 0 < cfg.polish_rays < (H // fine) * (W // fine)))
+        on_grid = ((cfg.polish_method == "direct" and cfg.polish_judge == "grid")
+                   or (cfg.polish_method == "lm" and 0 < cfg.polish_rays < (H // fine) * (W // fine)))
         judge = coarsened(fine, H, W, cfg.polish_judge_pixels)  # the judge's grid
         judged = finest if judge == fine else self.encode_queries(images, "rgb", judge)
         converged = torch.zeros(delta.shape[0], dtype=torch.bool)
-        with self._undone_unless_lower(K, base, delta, failed, judged, H, W, judge, "rgb") if subset else nullcontext():
+        with self._undone_unless_lower(K, base, delta, failed, judged, H, W, judge, "rgb") if on_grid else nullcontext():
             for n, phase in enumerate(phases):
                 target = finest if phase.stride == fine else self.encode_queries(images, phase.signal, phase.stride)
                 report = progress if n == len(phases) - 1 else None

@@ -8,13 +8,16 @@ photometric polish suffices. Each query is first mapped to the field's exposure
 (fastnefes.refine.exposure), since the polish compares colours as they are.
 
 Motion model (constant velocity on SE(3)): the next frame starts at T_k = T_{k-1} V, where V is
-the mean motion per frame (in the camera's own frame) over the latest run of consecutive accepted
-frames, at most VELOCITY_WINDOW frames back: V = exp(log(T_{k-1-n}^-1 T_{k-1}) / n). One frame
-back (n = 1) is the textbook prediction from the last two poses; averaging over a few frames keeps
-the per-frame refinement noise (millimetres) from being doubled into the prediction. Only accepted
-refinements (status converged or max_iters) count: a flagged frame (kept_initial, failed)
-returns its prediction unverified, so it ends the run and the next frame starts from it with
-zero velocity; the velocity resumes once two consecutive frames are accepted again.
+the mean motion per frame (in the camera's own frame) between the oldest and the newest accepted
+frame (status converged or max_iters) of the last VELOCITY_WINDOW frames, a and b:
+V = exp(log(T_a^-1 T_b) / (b - a)). Two consecutive frames give the textbook prediction; averaging
+over a few frames keeps the per-frame refinement noise (millimetres) from being doubled into the
+prediction. A kept prediction (kept_initial: the polish found no pose its renders judged better,
+as happens where the prediction is already within the field's resolution) returns the prediction
+and does not count as a measurement, but the velocity carries over it, for at most MAX_COAST
+such frames in a row: resetting it there started the next frame a whole frame's motion behind.
+A failed frame, or a longer run of kept ones, clears the velocity: the next frame starts from
+the last pose with zero velocity, and the velocity resumes from two accepted frames.
 """
 
 from __future__ import annotations
@@ -47,13 +50,20 @@ TRACK_FRAME: dict = {
     "polish_iters": 4,  # keyframe renders at most, the last one judging the final solve
     "polish_stride": 2,  # keyframe pixels on the half-resolution grid
     "polish_rays": 1200,  # the most textured pixel of each block of that grid
-    "polish_judge_pixels": 1200,  # the judge on the 1200-pixel grid the pixel check renders (shared)
-    "verify_rays": 1200,  # the pixel check on the judge's grid (one render per pose for both)
+    # Judged by its keyframe renders alone: the keyframe whose rendered loss on those 1200
+    # pixels is lowest, the prediction among them, is the frame's pose (flagged kept_initial
+    # where that is the prediction). A judge on a regular grid at a quarter of the resolution,
+    # and the pixel check there, compare the query's block averages with rays through block
+    # corners: at a consecutive frame's few millimetres they turned down a third of the
+    # refinements that came closer to the truth (docs/tracking.md).
+    "polish_judge": "keyframes",
+    "verify_rays": 0,
 }
 # A segment's first frame: refine's defaults.
 TRACK_START: dict = {}
 EXPOSURE_STRIDE = 8  # render stride of the exposure matching (image pixels per ray)
 VELOCITY_WINDOW = 4  # frames the velocity is averaged over (1: the last two poses)
+MAX_COAST = 2  # kept predictions in a row the velocity is carried across
 
 ACCEPTED = ("converged", "max_iters")
 def refine_config(overrides: dict, where: str = "config") -> RefineConfig:
@@ -87,33 +97,39 @@ class Tracker:
         start_config: RefineConfig of a segment's first frame (default: TRACK_START).
         exposure_stride: render stride of the exposure matching at the predicted pose; 0 = off.
         velocity_window: frames the constant velocity is measured over (1: from the last two poses).
+        max_coast: consecutive kept predictions the velocity is carried across.
     """
 
     def __init__(self, model, frame_config: Optional[RefineConfig] = None, start_config: Optional[RefineConfig] = None,
-                 exposure_stride: int = EXPOSURE_STRIDE, velocity_window: int = VELOCITY_WINDOW):
-        if velocity_window < 1:
-            raise ValueError(f"velocity_window must be >= 1, got {velocity_window}")
+                 exposure_stride: int = EXPOSURE_STRIDE, velocity_window: int = VELOCITY_WINDOW,
+                 max_coast: int = MAX_COAST):
+        if velocity_window < 1 or max_coast < 0:
+            raise ValueError(f"velocity_window must be >= 1 and max_coast >= 0, got {velocity_window}, {max_coast}")
         self.model = model
         self.exposure_stride = exposure_stride
         self.velocity_window = velocity_window
+        self.max_coast = max_coast
         self.frame_refiner = Refiner(model, frame_config or refine_config(TRACK_FRAME))
         self.start_refiner = Refiner(model, start_config or refine_config(TRACK_START))
         self._start: Optional[np.ndarray] = None
         self._last: Optional[np.ndarray] = None  # [4, 4] the last frame's pose
-        self._refined: list[np.ndarray] = []  # the latest run of consecutive accepted poses, oldest first
+        self._accepted: list[tuple[int, np.ndarray]] = []  # (frame number, pose) of the window's accepted frames
+        self._frame = 0  # frames tracked since the start
+        self._flagged_run = 0  # consecutive flagged frames up to the last
 
     def start(self, c2w: np.ndarray) -> None:
         """(Re)start: the next frame is refined from c2w [4, 4] with the start setting."""
         self._start = np.asarray(c2w, dtype=np.float64)
-        self._last, self._refined = None, []
+        self._last, self._accepted, self._frame, self._flagged_run = None, [], 0, 0
 
     def velocity(self) -> Optional[np.ndarray]:
-        """[4, 4] motion per frame in the camera's frame, the mean over the latest run of accepted
-        frames (at most velocity_window frames back); None with fewer than two."""
-        if len(self._refined) < 2:
+        """[4, 4] motion per frame in the camera's frame: the mean between the oldest and the
+        newest accepted frame of the last velocity_window frames (over the frames between them,
+        flagged ones included); None with fewer than two."""
+        if len(self._accepted) < 2:
             return None
-        first, last = self._refined[0], self._refined[-1]
-        return se3_exp(se3_log(np.linalg.solve(first, last)) / (len(self._refined) - 1))
+        (k0, first), (k1, last) = self._accepted[0], self._accepted[-1]
+        return se3_exp(se3_log(np.linalg.solve(first, last)) / (k1 - k0))
 
     def predict(self) -> tuple[np.ndarray, str]:
         """The next frame's initial pose [4, 4] and what gave it."""
@@ -129,9 +145,18 @@ class Tracker:
         return pred, "constant_velocity"
 
     def _update_motion(self, frame: TrackedFrame) -> None:
-        """An accepted frame extends the run of refined poses; a flagged one (its pose is its
-        prediction, unverified) ends it, so the next frame starts with zero velocity."""
-        self._refined = (self._refined + [frame.pose])[-(self.velocity_window + 1):] if frame.accepted else []
+        """An accepted frame joins the velocity's window. A kept prediction (kept_initial: the
+        polish found no pose its renders judged better) keeps the velocity for at most max_coast
+        frames in a row; a failed frame, or one flagged beyond that, clears it (zero velocity)."""
+        self._frame += 1
+        if frame.accepted:
+            self._flagged_run = 0
+            recent = self._accepted + [(self._frame, frame.pose)]
+            self._accepted = [(k, pose) for k, pose in recent if k >= self._frame - self.velocity_window]
+        else:
+            self._flagged_run += 1
+            if frame.diagnostics.status == "failed" or self._flagged_run > self.max_coast:
+                self._accepted = []
         self._last = frame.pose
 
     def track(self, image: np.ndarray, K: np.ndarray, name: str = "") -> TrackedFrame:
@@ -216,9 +241,11 @@ def track_split(
     start_config: Optional[RefineConfig] = None,
     init_path: str | Path = "init",
     on_frame: Optional[Callable[[TrackedFrame], None]] = None,
+    tracker_options: Optional[dict] = None,
 ) -> Trajectory:
     """Track every image of `split` in sequence order (fastnefes.refine.sequence); `init` gives
-    the first frame's pose of each sequence, and every other pose it gives restarts tracking there."""
+    the first frame's pose of each sequence, and every other pose it gives restarts tracking there.
+    tracker_options: Tracker keyword arguments (exposure_stride, velocity_window, max_coast)."""
     from fastnefes.refine.sequence import tracking_segments
 
     where = f"the {split} split of {scene.root}"
@@ -227,7 +254,7 @@ def track_split(
         raise FastnefesError(f"{scene.root}: split {split!r} has no images")
     check_init_poses(init, list(index), init_path, where)
     segments = tracking_segments(list(index), set(init), where, init_path)
-    tracker = Tracker(model, frame_config, start_config)
+    tracker = Tracker(model, frame_config, start_config, **(tracker_options or {}))
     if any(c.verify and c.verify_rays > 0 for c in (tracker.frame_refiner.config, tracker.start_refiner.config)):
         from fastnefes.refine.verify import calibrate_pixel_check
 
