@@ -135,9 +135,11 @@ def main() -> None:
         "latency_ms_p50": result.latency_ms().get("p50"),
         "confidence_good_median": float(np.median(confidence[good])) if good.any() else None,
         "confidence_bad_median": float(np.median(confidence[bad])) if bad.any() else None,
+        # ssim: the pixel check's SSIM at the start and at the candidate (the floor is
+        # verify_min_fraction times pixel_reference_ssim).
         "per_query": [{"name": n, "before": [float(a), float(b)], "candidate": [float(c), float(d)], "accepted": bool(e),
-                       "confidence": float(f)}
-                      for n, a, b, c, d, e, f in zip(names, t0_err, r0_err, t1_err, r1_err, accept, confidence)],
+                       "confidence": float(f), "ssim": [g.ssim_initial, g.ssim_refined]}
+                      for n, a, b, c, d, e, f, g in zip(names, t0_err, r0_err, t1_err, r1_err, accept, confidence, diags)],
     }
     Path(args.out).write_text(json.dumps(report, indent=1))
     keys = ("queries", "good_candidates", "good_kept", "bad_candidates", "bad_caught", "unflagged_worse_max",
