@@ -269,9 +269,9 @@ def direct_alignment_phase(model, K: Tensor, init: Tensor, query: Tensor, height
         counts[rows] += 1
         bad = ~torch.isfinite(loss).cpu()
         better = (loss < best_loss[rd]).cpu() & ~bad
-        keep = rows[better]
-        best_pose[keep.to(dev)], best_loss[keep.to(dev)] = current[keep.to(dev)], loss[better.to(dev)]
-        moved_on[keep.to(dev)] = n > 0
+        keep = rows[better].to(dev)
+        best_pose[keep], best_loss[keep] = current[keep], loss[better.to(dev)]
+        moved_on[keep] = n > 0
         stop = ~better | bad
         if n == renders - 1:
             break
